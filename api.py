@@ -1,0 +1,461 @@
+"""The JSON API of PROTOCOL v1: conversations, messages, the poll, stop and regenerate."""
+import json
+import math
+import time
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from sqlalchemy import delete, func, select, update
+
+import auth
+import buffer
+from errors import ApiError
+from generation import fail_lost_replies
+from models import (Chunk, Conversation, Image, Message, RUNNING, db, message_to_dict, new_id, now)
+from runtime import get_runtime
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+messages = Message.__table__
+conversations = Conversation.__table__
+chunks = Chunk.__table__
+images = Image.__table__
+
+POLL_TIMEOUT_MAX = 60.0
+
+
+# Request helpers -------------------------------------------------------------
+
+def json_body(required=True):
+    """Returns the request's JSON object, or raises the PROTOCOL error for a bad body."""
+    has_body = bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "")
+    if not has_body and not required:
+        return {}
+    if request.mimetype != "application/json":
+        raise ApiError(415, "unsupported_media_type", "The request body must be JSON (Content-Type: application/json).")
+    raw = request.get_data(cache=False)
+    if len(raw) > current_app.config["MAX_BODY_BYTES"]:
+        raise ApiError(413, "too_large", "The request body is larger than 1 MiB.")
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "bad_request", "The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "The request body must be a JSON object.")
+    return body
+
+
+def optional_text(body, name, limit, too_large=False):
+    """Returns body[name] as a string (None when absent); rejects other types and long values."""
+    if name not in body or body[name] is None:
+        return None
+    value = body[name]
+    if not isinstance(value, str):
+        raise ApiError(400, "bad_request", f"'{name}' must be a string.")
+    if "\x00" in value:
+        raise ApiError(400, "bad_request", f"'{name}' must not contain NUL characters.")
+    if len(value) > limit:
+        if too_large:
+            raise ApiError(413, "too_large", f"'{name}' is longer than {limit} characters.")
+        raise ApiError(400, "bad_request", f"'{name}' is longer than {limit} characters.")
+    return value
+
+
+def checked_model(value):
+    if value is None:
+        return None
+    if value not in current_app.config["CHAT_MODEL_LIST"]:
+        choices = ", ".join(current_app.config["CHAT_MODEL_LIST"])
+        raise ApiError(400, "bad_request", f"Unknown model '{value[:100]}'; choose one of: {choices}.")
+    return value
+
+
+def owner():
+    who = auth.current_owner()
+    if who is None:
+        raise ApiError(401, "unauthorized", "Sign in with an access token first.")
+    return who
+
+
+def owned_conversation(conversation_id, who):
+    conversation = db.session.get(Conversation, conversation_id) if len(conversation_id) <= 32 else None
+    if conversation is None or conversation.owner != who:
+        raise ApiError(404, "not_found", "No such conversation.")
+    return conversation
+
+
+def owned_message_row(conn, message_id, who):
+    row = None
+    if len(message_id) <= 32:
+        row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
+    if row is None or row.owner != who:
+        raise ApiError(404, "not_found", "No such message.")
+    return row
+
+
+def message_json(conn, row):
+    """Renders a message row, with the text committed so far while it runs."""
+    data = message_to_dict(row)
+    if row.status in RUNNING:
+        data["content"] = buffer.full_text(conn, row.id)
+    return data
+
+
+def created(payload):
+    return jsonify(payload), 201
+
+
+# Session -----------------------------------------------------------------------
+
+@bp.get("/session")
+def session_state():
+    return jsonify({"signed_in": auth.current_owner(create=False) is not None,
+                    "auth_required": auth.auth_required()})
+
+
+@bp.post("/session")
+def session_sign_in():
+    body = json_body()
+    token = optional_text(body, "token", 1000)
+    if not token or not auth.sign_in(token):
+        raise ApiError(401, "bad_token", "That access token is not valid.")
+    return jsonify({"signed_in": True})
+
+
+@bp.delete("/session")
+def session_sign_out():
+    auth.sign_out()
+    return Response(status=204)
+
+
+# Configuration -------------------------------------------------------------
+
+@bp.get("/config")
+def config():
+    owner()
+    settings = current_app.config
+    return jsonify({
+        "models": settings["CHAT_MODEL_LIST"],
+        "default_model": settings["CHAT_MODEL"],
+        "image_model": settings["IMAGE_MODEL"],
+        "poll_timeout": settings["POLL_TIMEOUT"],
+        "upstream": settings["UPSTREAM_KIND"],
+        "max_content_chars": settings["MAX_CONTENT_CHARS"],
+    })
+
+
+# Conversations -------------------------------------------------------------
+
+@bp.get("/conversations")
+def list_conversations():
+    who = owner()
+    rows = db.session.execute(
+        select(Conversation).where(Conversation.owner == who)
+        .order_by(Conversation.updated_at.desc(), Conversation.id)).scalars().all()
+    return jsonify({"conversations": [row.to_dict() for row in rows]})
+
+
+@bp.post("/conversations")
+def create_conversation():
+    who = owner()
+    body = json_body(required=False)
+    settings = current_app.config
+    title = optional_text(body, "title", 200)
+    model = checked_model(optional_text(body, "model", 100))
+    system_prompt = optional_text(body, "system_prompt", settings["MAX_CONTENT_CHARS"], too_large=True)
+    moment = now()
+    conversation = Conversation(id=new_id(), owner=who, title=(title or "").strip(),
+                                model=model or settings["CHAT_MODEL"], system_prompt=system_prompt or "",
+                                created_at=moment, updated_at=moment)
+    db.session.add(conversation)
+    db.session.commit()
+    return created(conversation.to_dict())
+
+
+@bp.get("/conversations/<conversation_id>")
+def get_conversation(conversation_id):
+    who = owner()
+    conversation = owned_conversation(conversation_id, who)
+    payload = {"conversation": conversation.to_dict()}
+    db.session.commit()
+    with db.engine.connect() as conn:
+        rows = conn.execute(select(messages).where(messages.c.conversation_id == conversation_id)
+                            .order_by(messages.c.position)).all()
+        payload["messages"] = [message_json(conn, row) for row in rows]
+    return jsonify(payload)
+
+
+@bp.patch("/conversations/<conversation_id>")
+def update_conversation(conversation_id):
+    who = owner()
+    body = json_body()
+    conversation = owned_conversation(conversation_id, who)
+    title = optional_text(body, "title", 200)
+    model = checked_model(optional_text(body, "model", 100))
+    system_prompt = optional_text(body, "system_prompt", current_app.config["MAX_CONTENT_CHARS"], too_large=True)
+    if title is not None:
+        conversation.title = title.strip()
+    if model is not None:
+        conversation.model = model
+    if system_prompt is not None:
+        conversation.system_prompt = system_prompt
+    conversation.updated_at = now()
+    db.session.commit()
+    return jsonify(conversation.to_dict())
+
+
+@bp.delete("/conversations/<conversation_id>")
+def delete_conversation(conversation_id):
+    who = owner()
+    owned_conversation(conversation_id, who)
+    db.session.commit()
+    runtime = get_runtime()
+    with db.engine.begin() as conn:
+        running = conn.execute(select(messages.c.id).where(
+            messages.c.conversation_id == conversation_id, messages.c.status.in_(RUNNING))).scalars().all()
+        for message_id in running:
+            buffer.finalize(conn, message_id, "stopped")
+        ids = select(messages.c.id).where(messages.c.conversation_id == conversation_id)
+        conn.execute(delete(chunks).where(chunks.c.message_id.in_(ids)))
+        conn.execute(delete(images).where(images.c.message_id.in_(ids)))
+        conn.execute(delete(messages).where(messages.c.conversation_id == conversation_id))
+        conn.execute(delete(conversations).where(conversations.c.id == conversation_id))
+    for message_id in running:
+        runtime.stop_local(message_id)
+    runtime.notifier.notify(running)
+    return Response(status=204)
+
+
+# Messages --------------------------------------------------------------------
+
+def check_rate_limits(conn, who):
+    settings = current_app.config
+    running = conn.execute(select(func.count()).select_from(messages).where(
+        messages.c.owner == who, messages.c.status.in_(RUNNING))).scalar_one()
+    if running >= settings["MAX_RUNNING_PER_OWNER"]:
+        raise ApiError(429, "rate_limited",
+                       f"At most {settings['MAX_RUNNING_PER_OWNER']} replies may run at once.", retry_after=2)
+    limit = settings["MESSAGES_PER_MINUTE"]
+    window_start = now() - 60
+    recent = conn.execute(select(messages.c.created_at).where(
+        messages.c.owner == who, messages.c.role == "user", messages.c.created_at > window_start)
+        .order_by(messages.c.created_at).limit(limit)).scalars().all()
+    if len(recent) >= limit:
+        wait = max(1, math.ceil(recent[0] - window_start))
+        raise ApiError(429, "rate_limited", f"At most {limit} messages a minute.", retry_after=wait)
+
+
+def insert_reply(conn, conversation, position, mode, who, moment):
+    settings = current_app.config
+    reply = {"id": new_id(), "conversation_id": conversation.id, "owner": who, "position": position,
+             "role": "assistant", "mode": mode, "content": "", "length": 0, "status": "pending",
+             "model": settings["IMAGE_MODEL"] if mode == "image" else (conversation.model or settings["CHAT_MODEL"]),
+             "created_at": moment, "lease_expires_at": moment + settings["LEASE_SECONDS"]}
+    conn.execute(messages.insert().values(**reply))
+    return reply["id"]
+
+
+def lock_conversation(conn, conversation_id, moment):
+    """Serializes writers to one conversation by updating its row first."""
+    conn.execute(update(conversations).where(conversations.c.id == conversation_id).values(updated_at=moment))
+
+
+def has_running_reply(conn, conversation_id):
+    return conn.execute(select(messages.c.id).where(
+        messages.c.conversation_id == conversation_id, messages.c.status.in_(RUNNING)).limit(1)).first() is not None
+
+
+def start_generation(reply_id):
+    if current_app.config["GENERATION_MODE"] == "thread":
+        get_runtime().start_reply(reply_id)
+
+
+@bp.post("/conversations/<conversation_id>/messages")
+def post_message(conversation_id):
+    who = owner()
+    body = json_body()
+    settings = current_app.config
+    content = optional_text(body, "content", settings["MAX_CONTENT_CHARS"], too_large=True)
+    if content is None or not content.strip():
+        raise ApiError(400, "bad_request", "'content' must be a non-empty string.")
+    mode = body.get("mode", "chat")
+    if mode not in ("chat", "image"):
+        raise ApiError(400, "bad_request", "'mode' must be \"chat\" or \"image\".")
+    conversation = owned_conversation(conversation_id, who)
+    db.session.commit()
+    moment = now()
+    with db.engine.begin() as conn:
+        lock_conversation(conn, conversation_id, moment)
+        if has_running_reply(conn, conversation_id):
+            raise ApiError(409, "reply_running", "This conversation already has a reply running; stop it first.")
+        check_rate_limits(conn, who)
+        position = conn.execute(select(func.coalesce(func.max(messages.c.position), 0)).where(
+            messages.c.conversation_id == conversation_id)).scalar_one() + 1
+        user_id = new_id()
+        conn.execute(messages.insert().values(
+            id=user_id, conversation_id=conversation_id, owner=who, position=position, role="user", mode=mode,
+            content=content, length=len(content), status="done", model=conversation.model,
+            created_at=moment, finished_at=moment))
+        reply_id = insert_reply(conn, conversation, position + 1, mode, who, moment)
+        if not conversation.title:
+            conn.execute(update(conversations).where(conversations.c.id == conversation_id)
+                         .values(title=title_from(content)))
+    start_generation(reply_id)
+    with db.engine.connect() as conn:
+        user = conn.execute(select(messages).where(messages.c.id == user_id)).first()
+        reply = conn.execute(select(messages).where(messages.c.id == reply_id)).first()
+        return jsonify({"message": message_to_dict(user), "reply": message_json(conn, reply)}), 202
+
+
+def title_from(content):
+    line = " ".join(content.split())
+    return line[:60] + ("…" if len(line) > 60 else "")
+
+
+@bp.get("/messages/<message_id>")
+def get_message(message_id):
+    who = owner()
+    with db.engine.connect() as conn:
+        row = owned_message_row(conn, message_id, who)
+        return jsonify(message_json(conn, row))
+
+
+@bp.get("/messages/<message_id>/image")
+def get_image(message_id):
+    who = owner()
+    with db.engine.connect() as conn:
+        owned_message_row(conn, message_id, who)
+        image = conn.execute(select(images.c.mime, images.c.data).where(images.c.message_id == message_id)).first()
+    if image is None:
+        raise ApiError(404, "not_found", "This message has no image.")
+    return Response(bytes(image.data), mimetype=image.mime)
+
+
+@bp.post("/messages/<message_id>/stop")
+def stop_message(message_id):
+    who = owner()
+    with db.engine.connect() as conn:
+        owned_message_row(conn, message_id, who)
+    with db.engine.begin() as conn:
+        stopped = buffer.finalize(conn, message_id, "stopped")
+    if stopped:
+        runtime = get_runtime()
+        runtime.stop_local(message_id)
+        runtime.notifier.notify([message_id])
+    with db.engine.connect() as conn:
+        return jsonify(message_json(conn, owned_message_row(conn, message_id, who)))
+
+
+@bp.post("/messages/<message_id>/regenerate")
+def regenerate(message_id):
+    who = owner()
+    with db.engine.connect() as conn:
+        row = owned_message_row(conn, message_id, who)
+    conversation = db.session.get(Conversation, row.conversation_id)
+    db.session.commit()
+    moment = now()
+    with db.engine.begin() as conn:
+        lock_conversation(conn, row.conversation_id, moment)
+        if has_running_reply(conn, row.conversation_id):
+            raise ApiError(409, "reply_running", "A reply is still running in this conversation; stop it first.")
+        last = conn.execute(select(messages.c.id, messages.c.role).where(
+            messages.c.conversation_id == row.conversation_id)
+            .order_by(messages.c.position.desc()).limit(1)).first()
+        if row.role != "assistant" or last is None or last.id != message_id:
+            raise ApiError(409, "not_last_reply", "Only the last reply of a conversation can be regenerated.")
+        check_rate_limits(conn, who)
+        conn.execute(delete(chunks).where(chunks.c.message_id == message_id))
+        conn.execute(delete(images).where(images.c.message_id == message_id))
+        conn.execute(delete(messages).where(messages.c.id == message_id))
+        reply_id = insert_reply(conn, conversation, row.position, row.mode, who, moment)
+    start_generation(reply_id)
+    with db.engine.connect() as conn:
+        reply = conn.execute(select(messages).where(messages.c.id == reply_id)).first()
+        return jsonify({"reply": message_json(conn, reply)}), 202
+
+
+# The poll ----------------------------------------------------------------------
+
+def poll_timeout():
+    raw = request.args.get("timeout")
+    if raw is None or raw == "":
+        return min(current_app.config["POLL_TIMEOUT"], POLL_TIMEOUT_MAX)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ApiError(400, "bad_request", "'timeout' must be a number of seconds.") from None
+    if math.isnan(value):
+        raise ApiError(400, "bad_request", "'timeout' must be a number of seconds.")
+    return min(max(value, 0.0), POLL_TIMEOUT_MAX)
+
+
+def read_poll_row(message_id):
+    with db.engine.connect() as conn:
+        return conn.execute(select(
+            messages.c.id, messages.c.owner, messages.c.length, messages.c.status, messages.c.content,
+            messages.c.error_code, messages.c.error_message, messages.c.has_image,
+            messages.c.lease_expires_at).where(messages.c.id == message_id)).first()
+
+
+def poll_answer(row, cursor, text):
+    end = cursor + len(text)
+    final = row.status not in RUNNING
+    return {
+        "id": row.id,
+        "cursor": str(end),
+        "text": text,
+        "status": row.status,
+        "done": final and end >= row.length,
+        "error": {"code": row.error_code, "message": row.error_message or ""} if row.error_code else None,
+        "image_url": f"/api/messages/{row.id}/image" if row.has_image else None,
+    }
+
+
+@bp.get("/messages/<message_id>/poll")
+def poll(message_id):
+    who = owner()
+    try:
+        cursor = buffer.parse_cursor(request.args.get("cursor"))
+    except buffer.BadCursor:
+        raise ApiError(400, "bad_cursor", "The cursor is not one this server handed out.") from None
+    timeout = poll_timeout()
+    if len(message_id) > 32:
+        raise ApiError(404, "not_found", "No such message.")
+    runtime = get_runtime()
+    settings = current_app.config
+    deadline = time.monotonic() + timeout
+    row = read_poll_row(message_id)
+    if row is None or row.owner != who:
+        raise ApiError(404, "not_found", "No such message.")
+    if row.status in RUNNING and row.lease_expires_at is not None and row.lease_expires_at < now():
+        fail_lost_replies(db.engine, runtime.notifier)
+        row = read_poll_row(message_id)
+    while True:
+        if row is None:
+            raise ApiError(404, "not_found", "No such message.")
+        if cursor > row.length:
+            raise ApiError(400, "bad_cursor", "The cursor is past the end of this reply.")
+        if cursor < row.length or row.status not in RUNNING:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return jsonify(poll_answer(row, cursor, ""))
+        # No connection or transaction is held while waiting.
+        event = runtime.notifier.register(message_id, row.length, row.status)
+        try:
+            runtime.watcher.kick()
+            row = read_poll_row(message_id)
+            if row is not None and row.length == cursor and row.status in RUNNING:
+                event.wait(left)
+                row = read_poll_row(message_id)
+        finally:
+            runtime.notifier.unregister(message_id, event)
+    if row.status in RUNNING and runtime.notifier.count() >= settings["POLL_GATHER_BUSY_WAITERS"]:
+        # Under load, a short hold gathers more tokens into this answer; idle, it adds nothing.
+        time.sleep(settings["POLL_GATHER_SECONDS"])
+        row = read_poll_row(message_id) or row
+    with db.engine.connect() as conn:
+        try:
+            text = buffer.text_after(conn, row, cursor)
+        except buffer.BadCursor:
+            raise ApiError(400, "bad_cursor", "The cursor is past the end of this reply.") from None
+    return jsonify(poll_answer(row, cursor, text))

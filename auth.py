@@ -1,0 +1,79 @@
+"""Owners: who is calling, from the signed session cookie or a Bearer access token."""
+import hashlib
+import hmac
+import secrets
+
+from flask import current_app, request, session
+
+SESSION_KEY = "owner"
+
+
+def token_owner(token):
+    """Returns the owner id that an access token stands for."""
+    return "t_" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:40]
+
+
+def configured_tokens():
+    """Returns the operator's access tokens (empty when the app is open)."""
+    return current_app.config["ACCESS_TOKEN_LIST"]
+
+
+def auth_required():
+    return bool(configured_tokens())
+
+
+def check_token(token):
+    """Returns the owner for a valid token, else None; compares in constant time."""
+    if not token:
+        return None
+    candidate = token.encode("utf-8", "surrogateescape")
+    matched = None
+    # Every configured token is compared, so timing tells nothing about which one matched.
+    for configured in configured_tokens():
+        if hmac.compare_digest(candidate, configured.encode("utf-8")):
+            matched = configured
+    return token_owner(matched) if matched is not None else None
+
+
+def bearer_token():
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None
+
+
+def current_owner(create=True):
+    """Returns the caller's owner id, or None when the caller must sign in first."""
+    if auth_required():
+        token = bearer_token()
+        if token is not None:
+            return check_token(token)
+        owner = session.get(SESSION_KEY)
+        if isinstance(owner, str) and owner in current_app.config["ACCESS_TOKEN_OWNERS"]:
+            return owner
+        return None
+    owner = session.get(SESSION_KEY)
+    if isinstance(owner, str) and owner:
+        return owner
+    if not create:
+        return None
+    owner = "s_" + secrets.token_urlsafe(24)
+    session[SESSION_KEY] = owner
+    session.permanent = True
+    return owner
+
+
+def sign_in(token):
+    """Signs the browser session in with an access token; returns whether it was valid."""
+    owner = check_token(token)
+    if owner is None:
+        return False
+    session.clear()
+    session[SESSION_KEY] = owner
+    session.permanent = True
+    return True
+
+
+def sign_out():
+    session.clear()

@@ -1,0 +1,250 @@
+"""The reply workers: one named daemon thread per reply, plus a supervisor per process.
+
+A reply thread claims its message, streams the upstream into the chunk buffer and
+finalizes it. The supervisor renews this process's leases, notices stops made by other
+processes (and closes their upstream connections), and fails replies whose process died.
+"""
+import logging
+import os
+import socket
+import threading
+import time
+
+from sqlalchemy import select, update
+
+import buffer
+import context
+from dialect import ChangeDetector
+from models import Conversation, Image, Message, RUNNING, db, now
+from upstream import Stopped, Upstream, UpstreamError
+
+log = logging.getLogger(__name__)
+
+messages = Message.__table__
+conversations = Conversation.__table__
+images = Image.__table__
+
+WORKER_LOST = ("worker_lost", "The server process running this reply stopped before it finished.")
+
+
+class Runtime:
+    """The per-process machinery: writer, notifier, watcher, supervisor and running replies."""
+
+    def __init__(self, app):
+        self.app = app
+        self.config = app.config
+        self.engine = db.engine
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.notifier = buffer.Notifier()
+        self.writer = buffer.ChunkWriter(self.engine, self.notifier, self.config["FLUSH_INTERVAL_SECONDS"],
+                                         self.config["LEASE_SECONDS"])
+        self.watcher = buffer.CrossProcessWatcher(self.engine, self.notifier, ChangeDetector(self.engine),
+                                                  self.config["CROSS_PROCESS_CHECK_SECONDS"])
+        self.upstream = Upstream(
+            app.config["UPSTREAM_BASE_URL"], app.config["OPENAI_API_KEY"],
+            connect_timeout=self.config["UPSTREAM_CONNECT_TIMEOUT"],
+            idle_timeout=self.config["UPSTREAM_IDLE_TIMEOUT"],
+            retries=self.config["UPSTREAM_RETRIES"],
+            retry_max_wait=self.config["UPSTREAM_RETRY_MAX_WAIT"])
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._running = {}  # message id -> Reply
+        self._supervisor = threading.Thread(target=self._supervise, name="reply-supervisor", daemon=True)
+        self._supervisor.start()
+
+    # Replies ---------------------------------------------------------------
+
+    def start_reply(self, message_id):
+        """Runs the reply in a new named daemon thread of this process."""
+        thread = threading.Thread(target=self.run_reply, args=(message_id,), name=f"reply-{message_id}",
+                                  daemon=True)
+        thread.start()
+        return thread
+
+    def run_reply(self, message_id):
+        """Claims the pending reply and generates it; returns when it is final."""
+        reply = Reply(self, message_id)
+        if not reply.claim():
+            return
+        with self._lock:
+            self._running[message_id] = reply
+        try:
+            reply.run()
+        except Exception:
+            log.exception("reply %s crashed", message_id)
+            self.writer.finish(message_id, status="failed",
+                               error=("upstream_error", "The reply failed because of an internal error."))
+        finally:
+            with self._lock:
+                self._running.pop(message_id, None)
+            self.writer.close(message_id)
+
+    def stop_local(self, message_id):
+        """Closes the upstream of a reply running in this process, if it runs here."""
+        with self._lock:
+            reply = self._running.get(message_id)
+        if reply is not None:
+            reply.abort()
+
+    def shutdown(self):
+        """Stops this process's threads (used by tests that build many apps)."""
+        self._closed.set()
+        with self._lock:
+            replies = list(self._running.values())
+        for reply in replies:
+            reply.abort()
+        self.watcher.close()
+        self.writer.shutdown()
+        simulator = self.app.extensions.get("demo_simulator")
+        if simulator is not None:
+            simulator.stop()
+
+    def running_ids(self):
+        with self._lock:
+            return list(self._running)
+
+    def claim_pending(self, limit):
+        """Claims up to limit pending replies that no process has taken (thread-free worker mode)."""
+        with self.engine.connect() as conn:
+            ids = conn.execute(
+                select(messages.c.id).where(messages.c.status == "pending", messages.c.worker_id.is_(None))
+                .order_by(messages.c.created_at).limit(limit)).scalars().all()
+        started = []
+        for message_id in ids:
+            started.append(self.start_reply(message_id))
+        return started
+
+    # Supervision -----------------------------------------------------------
+
+    def _supervise(self):
+        lease = self.config["LEASE_SECONDS"]
+        renew_every = max(lease / 3.0, 0.2)
+        sweep_every = max(lease / 4.0, 0.2)
+        next_renew = next_sweep = 0.0
+        while not self._closed.wait(0.25):
+            try:
+                running = self.running_ids()
+                if running:
+                    self._abort_finished(running)
+                clock = time.monotonic()
+                if running and clock >= next_renew:
+                    self._renew_leases()
+                    next_renew = clock + renew_every
+                if clock >= next_sweep:
+                    fail_lost_replies(self.engine, self.notifier)
+                    next_sweep = clock + sweep_every
+            except Exception:
+                log.exception("reply supervisor pass failed")
+
+    def _abort_finished(self, running):
+        # A stop recorded by another process reaches this one here, within about 0.25 s.
+        with self.engine.connect() as conn:
+            alive = set(conn.execute(
+                select(messages.c.id).where(messages.c.id.in_(running), messages.c.status.in_(RUNNING))
+            ).scalars().all())
+        for message_id in running:
+            if message_id not in alive:
+                self.stop_local(message_id)
+
+    def _renew_leases(self):
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(messages)
+                .where(messages.c.worker_id == self.worker_id, messages.c.status.in_(RUNNING))
+                .values(lease_expires_at=now() + self.config["LEASE_SECONDS"]))
+
+
+def fail_lost_replies(engine, notifier=None):
+    """Fails every running reply whose lease has expired, keeping its text."""
+    with engine.connect() as conn:
+        lost = conn.execute(
+            select(messages.c.id).where(messages.c.status.in_(RUNNING), messages.c.lease_expires_at < now())
+        ).scalars().all()
+    for message_id in lost:
+        with engine.begin() as conn:
+            # Re-checked inside the write: a slow but live worker may have renewed it.
+            row = conn.execute(
+                update(messages).where(messages.c.id == message_id, messages.c.status.in_(RUNNING),
+                                       messages.c.lease_expires_at < now())
+                .values(lease_expires_at=messages.c.lease_expires_at)).rowcount
+            if row == 1:
+                buffer.finalize(conn, message_id, "failed", error=WORKER_LOST)
+                log.warning("reply %s lost its worker; marked failed", message_id)
+    if lost and notifier is not None:
+        notifier.notify(lost)
+    return lost
+
+
+class Reply:
+    """One assistant reply being generated in this process."""
+
+    def __init__(self, runtime, message_id):
+        self.runtime = runtime
+        self.id = message_id
+        self.stream = None
+        self._aborted = threading.Event()
+
+    def claim(self):
+        """Takes ownership of the pending message; returns False when another worker has it."""
+        with self.runtime.engine.begin() as conn:
+            result = conn.execute(
+                update(messages)
+                .where(messages.c.id == self.id, messages.c.status == "pending", messages.c.worker_id.is_(None))
+                .values(worker_id=self.runtime.worker_id,
+                        lease_expires_at=now() + self.runtime.config["LEASE_SECONDS"]))
+        if result.rowcount != 1:
+            return False
+        self.runtime.writer.open(self.id)
+        return True
+
+    def abort(self):
+        """Stops the reply: no more text is taken and the upstream connection is closed."""
+        self._aborted.set()
+        if self.stream is not None:
+            self.stream.abort()
+
+    def is_stopped(self):
+        return self._aborted.is_set() or self.runtime.writer.is_cancelled(self.id)
+
+    def run(self):
+        config = self.runtime.config
+        with self.runtime.engine.connect() as conn:
+            message = conn.execute(select(messages).where(messages.c.id == self.id)).first()
+            history = context.load(conn, message)
+        writer = self.runtime.writer
+        try:
+            if message.mode == "image":
+                prompt = history.image_prompt
+                data, mime = self.runtime.upstream.generate_image(
+                    message.model or config["IMAGE_MODEL"], prompt, config["MAX_IMAGE_BYTES"], self.is_stopped)
+                if self.is_stopped():
+                    return
+                store_image(self.runtime.engine, self.id, data, mime)
+                writer.finish(self.id, status="done", has_image=True)
+                return
+            stream = self.runtime.upstream.stream_chat(
+                message.model or config["CHAT_MODEL"], history.messages(config["CONTEXT_BUDGET_CHARS"]),
+                self.is_stopped)
+            self.stream = stream
+            if self._aborted.is_set():
+                stream.abort()
+            for piece in stream.iter_text():
+                if not writer.append(self.id, piece):
+                    stream.abort()
+                    break
+            if self.is_stopped():
+                return
+            writer.finish(self.id, status="done", finish_reason=stream.finish_reason, usage=stream.usage)
+        except Stopped:
+            return
+        except UpstreamError as error:
+            if self.is_stopped():
+                return
+            log.info("reply %s failed: %s", self.id, error.code)
+            writer.finish(self.id, status="failed", error=(error.code, error.message))
+
+
+def store_image(engine, message_id, data, mime):
+    """Keeps a generated image in the database, where every host can serve it."""
+    with engine.begin() as conn:
+        conn.execute(images.insert().values(message_id=message_id, mime=mime, data=data))
