@@ -56,6 +56,9 @@ def create_app(test_config=None):
             response.headers.setdefault(name, value)
         if errors.is_api_request():
             response.headers["Cache-Control"] = "no-store"
+        if app.config["EXPOSE_WORKER_ID"]:
+            # Lets multi-process tests see which worker answered.
+            response.headers["X-Served-By"] = str(os.getpid())
         return response
 
     return app

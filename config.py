@@ -33,6 +33,7 @@ SETTINGS = {
     "DB_POOL_OVERFLOW": (int, 100),
     "GENERATION_MODE": (str, "thread"),
     "DEMO_RATE": (float, 30.0),
+    "EXPOSE_WORKER_ID": (int, 0),
 }
 
 
