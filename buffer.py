@@ -21,7 +21,7 @@ def parse_cursor(raw):
     """Returns the character offset a client cursor names."""
     if raw is None or raw == "":
         return 0
-    if not raw.isdigit() or len(raw) > 12:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 12:
         raise BadCursor(raw)
     return int(raw)
 
