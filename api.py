@@ -410,6 +410,33 @@ def poll_answer(row, cursor, text):
     }
 
 
+def wait_for_change(runtime, message_id, row, left):
+    """Waits until the message moves past row, or left seconds pass; returns it afresh.
+
+    No database connection or transaction is held while waiting.
+    """
+    if runtime.watcher is None:
+        # A thread-free web process has nobody to wake it: re-check at a bounded interval.
+        deadline = time.monotonic() + left
+        while True:
+            time.sleep(max(0.0, min(current_app.config["POLL_RECHECK_SECONDS"], deadline - time.monotonic())))
+            fresh = read_poll_row(message_id)
+            if fresh is None or (fresh.length, fresh.status) != (row.length, row.status):
+                return fresh
+            if time.monotonic() >= deadline:
+                return fresh
+    event = runtime.notifier.register(message_id, row.length, row.status)
+    try:
+        runtime.watcher.kick()
+        fresh = read_poll_row(message_id)
+        if fresh is not None and (fresh.length, fresh.status) == (row.length, row.status):
+            event.wait(left)
+            fresh = read_poll_row(message_id)
+        return fresh
+    finally:
+        runtime.notifier.unregister(message_id, event)
+
+
 @bp.get("/messages/<message_id>/poll")
 def poll(message_id):
     who = owner()
@@ -439,16 +466,7 @@ def poll(message_id):
         left = deadline - time.monotonic()
         if left <= 0:
             return jsonify(poll_answer(row, cursor, ""))
-        # No connection or transaction is held while waiting.
-        event = runtime.notifier.register(message_id, row.length, row.status)
-        try:
-            runtime.watcher.kick()
-            row = read_poll_row(message_id)
-            if row is not None and row.length == cursor and row.status in RUNNING:
-                event.wait(left)
-                row = read_poll_row(message_id)
-        finally:
-            runtime.notifier.unregister(message_id, event)
+        row = wait_for_change(runtime, message_id, row, left)
     if row.status in RUNNING and runtime.notifier.count() >= settings["POLL_GATHER_BUSY_WAITERS"]:
         # Under load, a short hold gathers more tokens into this answer; idle, it adds nothing.
         time.sleep(settings["POLL_GATHER_SECONDS"])

@@ -166,7 +166,7 @@ def register_commands(app):
     def worker_command(concurrency, interval):
         """Runs pending replies from the database (for GENERATION_MODE=worker)."""
         from runtime import get_runtime
-        runtime = get_runtime(app)
+        runtime = get_runtime(app, generates=True)
         click.echo(f"worker {runtime.worker_id} running replies (concurrency {concurrency})")
         while True:
             free = concurrency - len(runtime.running_ids())

@@ -17,6 +17,7 @@ SETTINGS = {
     "POLL_GATHER_SECONDS": (float, 0.03),
     "POLL_GATHER_BUSY_WAITERS": (int, 8),
     "CROSS_PROCESS_CHECK_SECONDS": (float, 0.02),
+    "POLL_RECHECK_SECONDS": (float, 0.1),
     "FLUSH_INTERVAL_SECONDS": (float, 0.03),
     "UPSTREAM_CONNECT_TIMEOUT": (float, 10.0),
     "UPSTREAM_IDLE_TIMEOUT": (float, 60.0),

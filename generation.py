@@ -30,12 +30,19 @@ WORKER_LOST = ("worker_lost", "The server process running this reply stopped bef
 class Runtime:
     """The per-process machinery: writer, notifier, watcher, supervisor and running replies."""
 
-    def __init__(self, app):
+    def __init__(self, app, background=True):
         self.app = app
         self.config = app.config
         self.engine = db.engine
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.notifier = buffer.Notifier()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._running = {}  # message id -> Reply
+        self.writer = self.watcher = None
+        if not background:
+            # A thread-free web process only stores messages and answers polls.
+            return
         self.writer = buffer.ChunkWriter(self.engine, self.notifier, self.config["FLUSH_INTERVAL_SECONDS"],
                                          self.config["LEASE_SECONDS"])
         self.watcher = buffer.CrossProcessWatcher(self.engine, self.notifier, ChangeDetector(self.engine),
@@ -46,9 +53,6 @@ class Runtime:
             idle_timeout=self.config["UPSTREAM_IDLE_TIMEOUT"],
             retries=self.config["UPSTREAM_RETRIES"],
             retry_max_wait=self.config["UPSTREAM_RETRY_MAX_WAIT"])
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._running = {}  # message id -> Reply
         self._supervisor = threading.Thread(target=self._supervise, name="reply-supervisor", daemon=True)
         self._supervisor.start()
 
@@ -93,8 +97,9 @@ class Runtime:
             replies = list(self._running.values())
         for reply in replies:
             reply.abort()
-        self.watcher.close()
-        self.writer.shutdown()
+        if self.watcher is not None:
+            self.watcher.close()
+            self.writer.shutdown()
         simulator = self.app.extensions.get("demo_simulator")
         if simulator is not None:
             simulator.stop()

@@ -7,8 +7,12 @@ from flask import current_app
 _lock = threading.Lock()
 
 
-def get_runtime(app=None):
-    """Returns the Runtime of this process, starting it on first use after any fork."""
+def get_runtime(app=None, generates=None):
+    """Returns the Runtime of this process, starting it on first use after any fork.
+
+    A process generates replies (and runs background threads) unless GENERATION_MODE is
+    "worker", where only the `flask worker` process does.
+    """
     app = app or current_app._get_current_object()
     state = app.extensions.get("relay_runtime")
     if state is not None and state[0] == os.getpid():
@@ -19,9 +23,12 @@ def get_runtime(app=None):
             return state[1]
         # Threads do not survive a fork, so each worker process builds its own.
         from generation import Runtime
+        if generates is None:
+            generates = app.config["GENERATION_MODE"] == "thread"
         with app.app_context():
-            start_demo_upstream(app)
-            runtime = Runtime(app)
+            if generates:
+                start_demo_upstream(app)
+            runtime = Runtime(app, background=generates)
         app.extensions["relay_runtime"] = (os.getpid(), runtime)
         return runtime
 
