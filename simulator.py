@@ -108,6 +108,7 @@ DIRECTIVE_KEYS = {
     "no_usage": _flag,
     "split_utf8": _flag,
     "finish": _finish_reason,
+    "url": _flag,
 }
 
 # Keys that describe a failure; `fail_times` switches these off once its count is used up.
@@ -711,7 +712,8 @@ class SimulatorHandler(http.server.BaseHTTPRequestHandler):
         if settings.get("cut_after") is not None:
             return self._cut()
         clean = settings["clean_text"] or prompt
-        as_url = model.startswith("dall-e") and body.get("response_format") != "b64_json"
+        # `url=1` answers a URL whatever was asked, as some compatible servers do.
+        as_url = settings.get("url") or (model.startswith("dall-e") and body.get("response_format") != "b64_json")
         host = self.headers.get("Host") or f"{self.server.server_address[0]}:{self.server.server_address[1]}"
         data = []
         for index in range(count):

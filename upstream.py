@@ -36,6 +36,7 @@ class SSEParser:
         self._pending = ""
         self._data = []
         self._skip_lf = False
+        self._started = False
 
     def feed(self, chunk):
         """Returns the data of every event completed by chunk."""
@@ -55,6 +56,12 @@ class SSEParser:
 
     def _lines(self, text):
         events = []
+        if not text:
+            return events
+        if self._started is False:
+            self._started = True
+            if text.startswith("\ufeff"):
+                text = text[1:]
         if self._skip_lf and text.startswith("\n"):
             text = text[1:]
         self._skip_lf = False
