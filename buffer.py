@@ -66,9 +66,7 @@ def full_text(conn, message_id):
 
 def finalize(conn, message_id, status, error=None, finish_reason=None, usage=None, has_image=False):
     """Makes a running message final: compacts its chunks into content. Returns False if already final."""
-    text = full_text(conn, message_id)
-    values = {"status": status, "content": text, "length": len(text), "finished_at": now(),
-              "worker_id": None, "lease_expires_at": None}
+    values = {"status": status, "finished_at": now(), "worker_id": None, "lease_expires_at": None}
     if error is not None:
         values["error_code"], values["error_message"] = error
     if finish_reason:
@@ -78,10 +76,14 @@ def finalize(conn, message_id, status, error=None, finish_reason=None, usage=Non
         values["completion_tokens"] = _int_or_none(usage.get("completion_tokens"))
     if has_image:
         values["has_image"] = 1
+    # The status changes first: that write locks the row, so no writer can add a chunk
+    # between reading the chunks and compacting them.
     result = conn.execute(
         update(messages).where(messages.c.id == message_id, messages.c.status.in_(RUNNING)).values(**values))
     if result.rowcount != 1:
         return False
+    text = full_text(conn, message_id)
+    conn.execute(update(messages).where(messages.c.id == message_id).values(content=text, length=len(text)))
     conn.execute(delete(chunks).where(chunks.c.message_id == message_id))
     return True
 
