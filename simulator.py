@@ -576,8 +576,9 @@ class SimulatorHandler(http.server.BaseHTTPRequestHandler):
             return None
         sim = self.simulator
         settings = {"content": sim.content, "tokens": sim.tokens, "rate": sim.rate, "latency": sim.latency}
+        settings.update(sim.default_directives)
         settings.update(directives)
-        if "fail_times" in directives and not sim._fault_applies(directive_text, directives["fail_times"]):
+        if "fail_times" in settings and not sim._fault_applies(directive_text, settings["fail_times"]):
             for key in FAULT_KEYS:
                 settings.pop(key, None)
         settings["clean_text"] = clean
@@ -885,9 +886,11 @@ class Simulator:
     """A fake OpenAI server serving from a daemon thread; use start()/stop() or a with block."""
 
     def __init__(self, host="127.0.0.1", port=0, rate=30.0, tokens=None, content="demo", latency=0.0,
-                 api_key=None, *, log_requests=False):
+                 api_key=None, *, log_requests=False, defaults=""):
         if content not in CONTENT_KINDS:
             raise ValueError(f"content must be one of {', '.join(CONTENT_KINDS)}")
+        # Directive settings applied to every request, e.g. "cut_after=20" or "status=500 fail_times=1".
+        self.default_directives = parse_directives(f"[[sim {defaults}]]")[0] if defaults.strip() else {}
         self.host = host
         self._port = port
         self.rate = rate or 0.0
@@ -1044,10 +1047,15 @@ class Simulator:
               help="Default kind of reply content.")
 @click.option("--latency", default=0.0, show_default=True, type=float, help="Seconds before the first token.")
 @click.option("--api-key", default=None, help="Require this bearer token on /v1 requests.")
-def cli(host, port, rate, tokens, content, latency, api_key):
+@click.option("--fault", default="", metavar="DIRECTIVES",
+              help='Directives applied to every request, e.g. "cut_after=20" or "stall_after=5 stall=90".')
+def cli(host, port, rate, tokens, content, latency, api_key, fault):
     """Run the fake OpenAI server in the foreground until Ctrl-C."""
-    sim = Simulator(host=host, port=port, rate=rate, tokens=tokens, content=content, latency=latency,
-                    api_key=api_key, log_requests=True)
+    try:
+        sim = Simulator(host=host, port=port, rate=rate, tokens=tokens, content=content, latency=latency,
+                        api_key=api_key, log_requests=True, defaults=fault)
+    except DirectiveError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fault") from None
     sim.start()
     click.echo(f"Simulator serving at {sim.url}")
     click.echo("Press Ctrl-C to stop.")

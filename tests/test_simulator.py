@@ -513,3 +513,11 @@ def test_command_line_serves_until_interrupted():
             process.kill()
             process.wait(timeout=5)
         process.stdout.close()
+
+
+def test_default_directives_apply_to_every_request():
+    with Simulator(rate=0, content="lorem", tokens=5, defaults="status=503") as faulty:
+        response = requests.post(faulty.url + "/chat/completions",
+                                 json={"model": "sim-chat", "messages": [{"role": "user", "content": "hi"}]},
+                                 timeout=5)
+        assert response.status_code == 503
