@@ -30,8 +30,8 @@ SECURITY_HEADERS = {
 
 def create_app(test_config=None):
     """Creates the app: defaults, then the environment (and .env), then test_config."""
-    app = Flask(__name__, instance_path=os.environ.get("INSTANCE_PATH") or None, instance_relative_config=True)
     load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
+    app = Flask(__name__, instance_path=os.environ.get("INSTANCE_PATH") or None, instance_relative_config=True)
     app.config.from_mapping(config.defaults())
     app.config.from_mapping(config.from_environment())
     if test_config is not None:
