@@ -3,7 +3,7 @@
 Library:
 
     from client import ChatClient
-    chat = ChatClient("http://127.0.0.1:5000", token=None)
+    chat = ChatClient("http://127.0.0.1:8000", token=None)
     reply = chat.ask("What is long polling?")
     for piece in reply:
         print(piece, end="", flush=True)
@@ -33,7 +33,7 @@ from urllib3.exceptions import NewConnectionError
 log = logging.getLogger("client")
 log.addHandler(logging.NullHandler())
 
-DEFAULT_URL = "http://127.0.0.1:5000"
+DEFAULT_URL = "http://127.0.0.1:8000"
 FINAL_STATUSES = ("done", "stopped", "failed")
 # The server holds a poll at most 60 s; the read timeout leaves room on top of the hold.
 POLL_READ_MARGIN = 15.0
