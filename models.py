@@ -18,9 +18,13 @@ class Base(DeclarativeBase):
 db = SQLAlchemy(model_class=Base)
 
 
+ID_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
 def new_id():
-    """Returns a random, unguessable id."""
-    return secrets.token_urlsafe(16)
+    """Returns a random, unguessable id of 22 letters and digits (about 131 bits)."""
+    # Letters and digits only: an id never starts with "-", so command lines take it as a value.
+    return "".join(secrets.choice(ID_ALPHABET) for _ in range(22))
 
 
 def now():
