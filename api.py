@@ -1,19 +1,24 @@
 """The JSON API of PROTOCOL v1: conversations, messages, the poll, stop and regenerate."""
+import collections
 import json
 import math
+import threading
 import time
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 
 import auth
 import buffer
+import dialect
 from errors import ApiError
 from generation import fail_lost_replies
 from models import (Chunk, Conversation, Image, Message, RUNNING, db, message_to_dict, new_id, now)
 from runtime import get_runtime
 
 bp = Blueprint("api", __name__, url_prefix="/api")
+# Polls repeat the same session cookie many times a second: verify each one once.
+bp.record_once(lambda state: auth.install_session_cache(state.app))
 
 messages = Message.__table__
 conversations = Conversation.__table__
@@ -37,10 +42,17 @@ def json_body(required=True):
         raise ApiError(413, "too_large", "The request body is larger than 1 MiB.")
     try:
         body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise ApiError(400, "bad_request", "The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_request", "The request body must be a JSON object.")
+    try:
+        # JSON may escape lone surrogates (\ud800), which no database can store as text.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "bad_request", "The request body holds text that is not valid Unicode.") from None
+    except RecursionError:
+        raise ApiError(400, "bad_request", "The request body is nested too deeply.") from None
     return body
 
 
@@ -228,6 +240,7 @@ def delete_conversation(conversation_id):
 # Messages --------------------------------------------------------------------
 
 def check_rate_limits(conn, who):
+    dialect.lock_owner(conn, who)
     settings = current_app.config
     running = conn.execute(select(func.count()).select_from(messages).where(
         messages.c.owner == who, messages.c.status.in_(RUNNING))).scalar_one()
@@ -376,24 +389,47 @@ def regenerate(message_id):
 # The poll ----------------------------------------------------------------------
 
 def poll_timeout():
+    # An operator behind a proxy with a shorter read timeout lowers the ceiling below 60 s.
+    limit = min(current_app.config["POLL_TIMEOUT_MAX"], POLL_TIMEOUT_MAX)
     raw = request.args.get("timeout")
     if raw is None or raw == "":
-        return min(current_app.config["POLL_TIMEOUT"], POLL_TIMEOUT_MAX)
+        return min(current_app.config["POLL_TIMEOUT"], limit)
     try:
         value = float(raw)
     except ValueError:
         raise ApiError(400, "bad_request", "'timeout' must be a number of seconds.") from None
     if math.isnan(value):
         raise ApiError(400, "bad_request", "'timeout' must be a number of seconds.")
-    return min(max(value, 0.0), POLL_TIMEOUT_MAX)
+    return min(max(value, 0.0), limit)
+
+
+POLL_COLUMNS = ("id", "owner", "length", "status", "content", "error_code", "error_message", "has_image",
+                "lease_expires_at")
+PollRow = collections.namedtuple("PollRow", POLL_COLUMNS)
+_READ_POLL_ROW = select(*(messages.c[name] for name in POLL_COLUMNS)).where(messages.c.id == bindparam("message_id"))
 
 
 def read_poll_row(message_id):
     with db.engine.connect() as conn:
-        return conn.execute(select(
-            messages.c.id, messages.c.owner, messages.c.length, messages.c.status, messages.c.content,
-            messages.c.error_code, messages.c.error_message, messages.c.has_image,
-            messages.c.lease_expires_at).where(messages.c.id == message_id)).first()
+        return conn.execute(_READ_POLL_ROW, {"message_id": message_id}).first()
+
+
+def local_poll_row(runtime, message_id, who):
+    """Returns the state of a reply this process writes for who, from memory, or None."""
+    if runtime.writer is None:
+        return None
+    state = runtime.writer.local_state(message_id, who)
+    if state is None:
+        return None
+    return PollRow(message_id, who, state[0], state[1], "", None, None, 0, None)
+
+
+def fresh_poll_row(runtime, message_id, who, cursor):
+    """Returns the reply's state now: from memory while this process writes it, else from the database."""
+    local = local_poll_row(runtime, message_id, who)
+    if local is not None and local.length >= cursor:
+        return local
+    return read_poll_row(message_id)
 
 
 def poll_answer(row, cursor, text):
@@ -410,10 +446,43 @@ def poll_answer(row, cursor, text):
     }
 
 
+class PollLoad:
+    """Counts the polls this process is answering; the gathering hold grows with it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.active = 0
+
+    def __enter__(self):
+        with self._lock:
+            self.active += 1
+        return self
+
+    def __exit__(self, *exc_info):
+        with self._lock:
+            self.active -= 1
+
+
+poll_load = PollLoad()
+
+
+def gather_seconds(settings):
+    """Returns how long an answer may wait to gather more text: nothing when this poll is alone.
+
+    The hold grows with the polls in progress here and reaches POLL_GATHER_SECONDS at
+    POLL_GATHER_BUSY_WAITERS of them, so busy processes answer fewer, fuller requests.
+    """
+    others = poll_load.active - 1
+    if others <= 0:
+        return 0.0
+    return settings["POLL_GATHER_SECONDS"] * min(1.0, others / max(settings["POLL_GATHER_BUSY_WAITERS"], 1))
+
+
 def wait_for_change(runtime, message_id, row, left):
     """Waits until the message moves past row, or left seconds pass; returns it afresh.
 
-    No database connection or transaction is held while waiting.
+    No database connection or transaction is held while waiting. A reply written by this
+    process is followed in memory; the database is read when memory cannot tell.
     """
     if runtime.watcher is None:
         # A thread-free web process has nobody to wake it: re-check at a bounded interval.
@@ -423,18 +492,29 @@ def wait_for_change(runtime, message_id, row, left):
             fresh = read_poll_row(message_id)
             if fresh is None or (fresh.length, fresh.status) != (row.length, row.status):
                 return fresh
+            if fresh.status in RUNNING and fresh.lease_expires_at is not None and fresh.lease_expires_at < now():
+                # No supervisor runs here, so the poll itself notices a worker that died.
+                fail_lost_replies(db.engine)
+                return read_poll_row(message_id)
             if time.monotonic() >= deadline:
                 return fresh
+    writer = runtime.writer
     event = runtime.notifier.register(message_id, row.length, row.status)
     try:
         runtime.watcher.kick()
-        fresh = read_poll_row(message_id)
-        if fresh is not None and (fresh.length, fresh.status) == (row.length, row.status):
-            event.wait(left)
+        # The writer updates its memory before it notifies, so when memory still shows row's
+        # state no commit of this process can be missed; other processes' reach the watcher.
+        if not writer.is_at(message_id, row.length, row.status):
             fresh = read_poll_row(message_id)
-        return fresh
+            if fresh is None or (fresh.length, fresh.status) != (row.length, row.status):
+                return fresh
+        event.wait(left)
     finally:
         runtime.notifier.unregister(message_id, event)
+    local = local_poll_row(runtime, message_id, row.owner)
+    if local is not None and local.length > row.length:
+        return local
+    return read_poll_row(message_id)
 
 
 @bp.get("/messages/<message_id>/poll")
@@ -447,15 +527,22 @@ def poll(message_id):
     timeout = poll_timeout()
     if len(message_id) > 32:
         raise ApiError(404, "not_found", "No such message.")
-    runtime = get_runtime()
+    with poll_load:
+        return jsonify(answer_poll(get_runtime(), message_id, who, cursor, timeout))
+
+
+def answer_poll(runtime, message_id, who, cursor, timeout):
+    """Returns the poll answer after cursor: at once when there is text, else when some comes or time runs out."""
     settings = current_app.config
     deadline = time.monotonic() + timeout
-    row = read_poll_row(message_id)
-    if row is None or row.owner != who:
-        raise ApiError(404, "not_found", "No such message.")
-    if row.status in RUNNING and row.lease_expires_at is not None and row.lease_expires_at < now():
-        fail_lost_replies(db.engine, runtime.notifier)
+    row = local_poll_row(runtime, message_id, who)
+    if row is None or cursor > row.length:
         row = read_poll_row(message_id)
+        if row is None or row.owner != who:
+            raise ApiError(404, "not_found", "No such message.")
+        if row.status in RUNNING and row.lease_expires_at is not None and row.lease_expires_at < now():
+            fail_lost_replies(db.engine, runtime.notifier)
+            row = read_poll_row(message_id)
     while True:
         if row is None:
             raise ApiError(404, "not_found", "No such message.")
@@ -465,15 +552,25 @@ def poll(message_id):
             break
         left = deadline - time.monotonic()
         if left <= 0:
-            return jsonify(poll_answer(row, cursor, ""))
+            return poll_answer(row, cursor, "")
         row = wait_for_change(runtime, message_id, row, left)
-    if row.status in RUNNING and runtime.notifier.count() >= settings["POLL_GATHER_BUSY_WAITERS"]:
-        # Under load, a short hold gathers more tokens into this answer; idle, it adds nothing.
-        time.sleep(settings["POLL_GATHER_SECONDS"])
-        row = read_poll_row(message_id) or row
-    with db.engine.connect() as conn:
-        try:
-            text = buffer.text_after(conn, row, cursor)
-        except buffer.BadCursor:
-            raise ApiError(400, "bad_cursor", "The cursor is past the end of this reply.") from None
-    return jsonify(poll_answer(row, cursor, text))
+    if row.status in RUNNING:
+        hold = gather_seconds(settings)
+        if hold > 0:
+            # The hold counts from when the text after cursor was committed, so no token waits
+            # longer than the hold however late this poll arrived.
+            committed = runtime.writer.committed_at(message_id, cursor) if runtime.writer is not None else None
+            pause = (committed if committed is not None else time.monotonic()) + hold - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+                row = fresh_poll_row(runtime, message_id, who, cursor) or row
+    text = None
+    if row.status in RUNNING and runtime.writer is not None:
+        text = runtime.writer.text_between(message_id, cursor, row.length)
+    if text is None:
+        with db.engine.connect() as conn:
+            try:
+                text = buffer.text_after(conn, row, cursor)
+            except buffer.BadCursor:
+                raise ApiError(400, "bad_cursor", "The cursor is past the end of this reply.") from None
+    return poll_answer(row, cursor, text)

@@ -2,14 +2,14 @@
 import logging
 import os
 import secrets
-import time
 from datetime import timedelta
 
 import click
 from dotenv import load_dotenv
-from flask import Flask, jsonify, render_template
+from alembic import command as alembic_command
+from flask import Flask, current_app, jsonify, render_template
+from flask_migrate import Migrate
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
 
 import config
 import dialect
@@ -17,6 +17,8 @@ import errors
 from models import db
 
 log = logging.getLogger(__name__)
+
+MIGRATIONS_DIRECTORY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -40,10 +42,13 @@ def create_app(test_config=None):
     derive_settings(app)
 
     db.init_app(app)
+    Migrate(app, db, directory=MIGRATIONS_DIRECTORY)
     with app.app_context():
         dialect.tune_engine(db.engine)
         create_schema()
 
+    # "/api//x" is a JSON 404 like any unknown path, not a redirect with an HTML body.
+    app.url_map.merge_slashes = False
     errors.register(app)
     from api import bp as api_bp
     app.register_blueprint(api_bp)
@@ -70,7 +75,7 @@ def derive_settings(app):
     if not settings.get("SECRET_KEY"):
         settings["SECRET_KEY"] = instance_secret(app.instance_path)
     if not settings.get("SQLALCHEMY_DATABASE_URI"):
-        settings["SQLALCHEMY_DATABASE_URI"] = (
+        settings["SQLALCHEMY_DATABASE_URI"] = dialect.normalize_url(
             settings["DATABASE_URL"] or "sqlite:///" + os.path.join(app.instance_path, "chat.db"))
     settings.setdefault("SQLALCHEMY_ENGINE_OPTIONS", dialect.engine_options(
         settings["SQLALCHEMY_DATABASE_URI"], settings["DB_POOL_SIZE"], settings["DB_POOL_OVERFLOW"]))
@@ -123,15 +128,11 @@ def instance_secret(instance_path):
 
 
 def create_schema():
-    """Creates missing tables; tolerates another process doing the same at the same moment."""
-    for attempt in range(5):
-        try:
-            db.create_all()
-            return
-        except OperationalError:
-            if attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    """Creates or upgrades the schema to the newest migration; processes starting together take turns."""
+    settings = current_app.extensions["migrate"].migrate.get_config()
+    settings.attributes["quiet"] = True
+    # migrations/env.py holds dialect.migration_lock for the whole upgrade.
+    alembic_command.upgrade(settings, "head")
 
 
 def register_pages(app):
@@ -163,13 +164,27 @@ def register_commands(app):
     @app.cli.command("worker")
     @click.option("--concurrency", default=32, show_default=True, help="Replies run at once.")
     @click.option("--interval", default=0.2, show_default=True, help="Seconds between looks for pending replies.")
-    def worker_command(concurrency, interval):
+    @click.option("--drain-seconds", default=20.0, show_default=True, envvar="REPLY_DRAIN_SECONDS",
+                  help="On SIGTERM or SIGINT, how long running replies may finish before the rest fail (worker_lost).")
+    def worker_command(concurrency, interval, drain_seconds):
         """Runs pending replies from the database (for GENERATION_MODE=worker)."""
-        from runtime import get_runtime
+        import signal
+        import threading
+
+        from runtime import get_runtime, hold_queued_replies
         runtime = get_runtime(app, generates=True)
+        stopping = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stopping.set())
         click.echo(f"worker {runtime.worker_id} running replies (concurrency {concurrency})")
-        while True:
-            free = concurrency - len(runtime.running_ids())
-            if free > 0:
-                runtime.claim_pending(free)
-            time.sleep(interval)
+        while not stopping.is_set():
+            try:
+                free = concurrency - len(runtime.running_ids())
+                if free > 0:
+                    runtime.claim_pending(free)
+                hold_queued_replies(runtime)
+            except Exception:
+                log.exception("worker pass failed")  # a locked or restarting database: try again
+            stopping.wait(interval)
+        lost = runtime.drain(drain_seconds)
+        click.echo(f"worker {runtime.worker_id} stopped; {len(lost)} running replies failed (worker_lost)")

@@ -2,10 +2,48 @@
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 
 from flask import current_app, request, session
+from flask.sessions import SecureCookieSessionInterface
 
 SESSION_KEY = "owner"
+
+
+class CachedSessionInterface(SecureCookieSessionInterface):
+    """The signed-cookie session, with each distinct cookie's signature checked once a minute at most.
+
+    Polls arrive many times a second with the same cookie; re-verifying and decoding it every
+    time is wasted work. A changed or expired cookie is verified again as usual.
+    """
+
+    max_entries = 10000
+    recheck_seconds = 60.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._verified = {}  # cookie value -> (monotonic deadline, session contents)
+
+    def open_session(self, app, request):
+        value = request.cookies.get(self.get_cookie_name(app))
+        if value:
+            cached = self._verified.get(value)
+            if cached is not None and cached[0] > time.monotonic():
+                return self.session_class(cached[1])
+        opened = super().open_session(app, request)
+        if value and opened:
+            with self._lock:
+                if len(self._verified) >= self.max_entries:
+                    self._verified.clear()
+                self._verified[value] = (time.monotonic() + self.recheck_seconds, dict(opened))
+        return opened
+
+
+def install_session_cache(app):
+    """Makes app check each session cookie's signature once a minute at most."""
+    if type(app.session_interface) is SecureCookieSessionInterface:
+        app.session_interface = CachedSessionInterface()
 
 
 def token_owner(token):

@@ -1,10 +1,12 @@
 """The chunk buffer: append text in batches, read after a cursor, wait for and announce new text."""
+import bisect
 import logging
 import threading
 import time
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, or_, select, update
 
+import dialect
 from models import Chunk, Message, RUNNING, now
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,7 @@ def finalize(conn, message_id, status, error=None, finish_reason=None, usage=Non
     """Makes a running message final: compacts its chunks into content. Returns False if already final."""
     values = {"status": status, "finished_at": now(), "worker_id": None, "lease_expires_at": None}
     if error is not None:
-        values["error_code"], values["error_message"] = error
+        values["error_code"], values["error_message"] = error[0], dialect.storable_text(conn, error[1])
     if finish_reason:
         values["finish_reason"] = str(finish_reason)[:40]
     if usage:
@@ -82,6 +84,7 @@ def finalize(conn, message_id, status, error=None, finish_reason=None, usage=Non
         update(messages).where(messages.c.id == message_id, messages.c.status.in_(RUNNING)).values(**values))
     if result.rowcount != 1:
         return False
+    dialect.announce_changes(conn, [message_id])
     text = full_text(conn, message_id)
     conn.execute(update(messages).where(messages.c.id == message_id).values(content=text, length=len(text)))
     conn.execute(delete(chunks).where(chunks.c.message_id == message_id))
@@ -143,8 +146,9 @@ class Notifier:
 class CrossProcessWatcher:
     """Wakes local polls when another process (or host) commits text for what they watch.
 
-    A named daemon thread checks a cheap change signal every few milliseconds while polls
-    wait, and only then reads the watched messages in one small query.
+    A named daemon thread asks a change detector (dialect.py) which watched messages may
+    have changed, every few milliseconds or as notifications arrive, and only then reads
+    those messages in one small query.
     """
 
     def __init__(self, engine, notifier, detector, interval):
@@ -164,21 +168,28 @@ class CrossProcessWatcher:
     def close(self):
         self._closed = True
         self._wake.set()
+        self._detector.wake()
 
     def _run(self):
-        while not self._closed:
-            watched = self._notifier.watched()
-            if not watched:
-                self._wake.wait(1.0)
-                self._wake.clear()
-                continue
-            try:
-                if self._detector.changed():
-                    self._check(watched)
-            except Exception:
-                log.exception("poll watcher check failed")
-                time.sleep(0.5)
-            time.sleep(self._interval)
+        try:
+            while not self._closed:
+                watched = self._notifier.watched()
+                if not watched:
+                    self._wake.wait(1.0)
+                    self._wake.clear()
+                    continue
+                try:
+                    changed = self._detector.changes(watched)
+                    if changed:
+                        self._check(changed)
+                except Exception:
+                    log.exception("poll watcher check failed")
+                    time.sleep(0.5)
+                time.sleep(self._interval)
+                # Returns at once for polling detectors; a listening one blocks until news arrives.
+                self._detector.wait()
+        finally:
+            self._detector.close()
 
     def _check(self, watched):
         states = {}
@@ -194,13 +205,48 @@ class CrossProcessWatcher:
         self._notifier.notify_changed(states)
 
 
+class CommittedText:
+    """The committed text of a reply this process writes, kept so polls here need not read chunks."""
+
+    __slots__ = ("owner", "status", "text", "ends", "times")
+
+    def __init__(self, owner):
+        self.owner = owner
+        self.status = "pending"
+        self.text = ""
+        self.ends = []   # end offset of each committed batch
+        self.times = []  # monotonic time at which that batch was committed
+
+    def add(self, piece, moment):
+        self.text += piece
+        self.ends.append(len(self.text))
+        self.times.append(moment)
+        self.status = "streaming"
+
+    def committed_at(self, cursor):
+        """Returns when the text just after cursor was committed, or None if it is not yet."""
+        index = bisect.bisect_right(self.ends, cursor)
+        return self.times[index] if index < len(self.times) else None
+
+
+# One statement for the whole batch: the executemany path stays cheap however many replies stream.
+_EXTEND_REPLY = (
+    update(messages)
+    .where(messages.c.id == bindparam("message_id"),
+           or_(*(messages.c.status == status for status in RUNNING)))
+    .values(length=bindparam("end"), status="streaming", lease_expires_at=bindparam("lease")))
+
+
 class ChunkWriter:
     """Owns every chunk write of this process.
 
     Replies hand their text to a named daemon thread, which writes all that is pending,
     for every reply, in one short transaction. An idle writer writes at once; a busy one
     gathers for up to flush_interval, so there is never one database write per token.
+    It also keeps the committed text of its replies in memory, for the polls of this process.
     """
+
+    BUSY_REPLIES = 16  # replies streaming at once at which a busy writer gathers the full flush_interval
 
     def __init__(self, engine, notifier, flush_interval, lease_seconds):
         self._engine = engine
@@ -212,25 +258,57 @@ class ChunkWriter:
         self._finals = {}      # message id -> (kwargs for finalize, done event)
         self._lengths = {}     # message id -> characters written
         self._cancelled = set()
+        self._committed = {}   # message id -> CommittedText
         self._last_write = 0.0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="chunk-writer", daemon=True)
         self._thread.start()
 
-    def open(self, message_id):
+    def open(self, message_id, owner=None):
         """Starts tracking a reply whose buffer is empty."""
         with self._cond:
             self._lengths[message_id] = 0
             self._cancelled.discard(message_id)
+            self._committed[message_id] = CommittedText(owner)
 
     def append(self, message_id, text):
         """Queues text for a reply; returns False once the reply no longer accepts text."""
         with self._cond:
             if message_id in self._cancelled:
                 return False
+            if not self._text:
+                # Only an idle writer needs waking; a gathering one takes this text with the rest.
+                self._cond.notify()
             self._text.setdefault(message_id, []).append(text)
-            self._cond.notify()
             return True
+
+    def local_state(self, message_id, owner):
+        """Returns (length, status) of a running reply that this process writes for owner, else None."""
+        with self._cond:
+            committed = self._committed.get(message_id)
+            if committed is None or committed.owner is None or committed.owner != owner:
+                return None
+            return len(committed.text), committed.status
+
+    def is_at(self, message_id, length, status):
+        """Tells whether this writer writes the reply and has committed exactly (length, status) of it."""
+        with self._cond:
+            committed = self._committed.get(message_id)
+            return committed is not None and (len(committed.text), committed.status) == (length, status)
+
+    def committed_at(self, message_id, cursor):
+        """Returns the monotonic time the text after cursor was committed, if this writer knows it."""
+        with self._cond:
+            committed = self._committed.get(message_id)
+            return committed.committed_at(cursor) if committed is not None else None
+
+    def text_between(self, message_id, start, end):
+        """Returns the committed text from start to end, or None when this writer does not hold it."""
+        with self._cond:
+            committed = self._committed.get(message_id)
+            if committed is None or len(committed.text) < end:
+                return None
+            return committed.text[start:end]
 
     def is_cancelled(self, message_id):
         with self._cond:
@@ -262,8 +340,10 @@ class ChunkWriter:
                     if self._closed:
                         return
                     self._cond.wait()
-                # Gather only when the last write was recent: an idle writer adds no delay.
-                gather_until = self._last_write + self._flush_interval
+                # Gather only when several replies stream here and the last write was recent: a lone
+                # reply, or an idle writer, is written at once; the gathering grows with the replies.
+                others = min(1.0, (len(self._lengths) - 1) / self.BUSY_REPLIES)
+                gather_until = self._last_write + self._flush_interval * max(others, 0.0)
                 while not self._finals:
                     left = gather_until - time.monotonic()
                     if left <= 0:
@@ -288,27 +368,49 @@ class ChunkWriter:
         written = {}
         lease = now() + self._lease_seconds
         with self._engine.begin() as conn:
+            batch = {}
             for message_id, pieces in text.items():
-                joined = "".join(pieces)
-                if not joined:
-                    continue
-                end = self._lengths.get(message_id, 0) + len(joined)
-                result = conn.execute(
-                    update(messages)
-                    .where(messages.c.id == message_id, messages.c.status.in_(RUNNING))
-                    .values(length=end, status="streaming", lease_expires_at=lease))
-                if result.rowcount != 1:
-                    self._cancel(message_id)
-                    continue
-                conn.execute(chunks.insert().values(message_id=message_id, end_offset=end, text=joined))
-                written[message_id] = end
-                changed.append(message_id)
+                joined = dialect.storable_text(conn, "".join(pieces))
+                if joined:
+                    batch[message_id] = (self._lengths.get(message_id, 0) + len(joined), joined)
+            if batch:
+                result = conn.execute(_EXTEND_REPLY, [{"message_id": message_id, "end": end, "lease": lease}
+                                                      for message_id, (end, _joined) in batch.items()])
+                extended = set(batch)
+                if not (conn.dialect.supports_sane_multi_rowcount and result.rowcount == len(batch)):
+                    # A reply made final meanwhile (stopped, lost) kept its old length: it takes no more text.
+                    extended = set()
+                    ids = list(batch)
+                    for start in range(0, len(ids), 500):
+                        for row in conn.execute(select(messages.c.id, messages.c.length)
+                                                .where(messages.c.id.in_(ids[start:start + 500]))):
+                            if row.length == batch[row.id][0]:
+                                extended.add(row.id)
+                rows = []
+                for message_id, (end, joined) in batch.items():
+                    if message_id not in extended:
+                        self._cancel(message_id)
+                        continue
+                    rows.append({"message_id": message_id, "end_offset": end, "text": joined})
+                    written[message_id] = end
+                    changed.append(message_id)
+                if rows:
+                    conn.execute(chunks.insert(), rows)
+            dialect.announce_changes(conn, list(written))
             outcomes = {}
             for message_id, (final, _done, _outcome) in finals.items():
                 outcomes[message_id] = finalize(conn, message_id, **final)
                 changed.append(message_id)
+        moment = time.monotonic()
         with self._cond:
             self._lengths.update(written)
+            for message_id, end in written.items():
+                committed = self._committed.get(message_id)
+                if committed is not None:
+                    committed.add(batch[message_id][1], moment)
+            for message_id in finals:
+                # Polls read a final reply from the database.
+                self._committed.pop(message_id, None)
         for message_id, (_final, done, outcome) in finals.items():
             outcome["finalized"] = outcomes[message_id]
             with self._cond:
@@ -323,8 +425,10 @@ class ChunkWriter:
             self._lengths.pop(message_id, None)
             self._cancelled.discard(message_id)
             self._text.pop(message_id, None)
+            self._committed.pop(message_id, None)
 
     def _cancel(self, message_id):
         with self._cond:
             self._cancelled.add(message_id)
             self._text.pop(message_id, None)
+            self._committed.pop(message_id, None)

@@ -39,6 +39,31 @@ def error_response(status, code, message, retry_after=None):
     return response
 
 
+DRAIN_LIMIT = 4 * 1024 * 1024
+
+
+def _drain_refused_body(environ, length):
+    """Returns a callable that reads and drops the rest of a refused body, after the answer is sent.
+
+    Servers read only a little of a body the app did not consume and then drop the
+    kept-alive connection, which breaks the client's next request on it.
+    """
+    def drain():
+        if not length or length > DRAIN_LIMIT:
+            return
+        stream = environ.get("wsgi.input")
+        left = length
+        try:
+            while left > 0:
+                data = stream.read(min(left, 65536))
+                if not data:
+                    return
+                left -= len(data)
+        except Exception:
+            return
+    return drain
+
+
 def is_api_request():
     return request.path == "/api" or request.path.startswith("/api/")
 
@@ -56,10 +81,10 @@ def register(app):
             return error
         status = error.code or 500
         if status == 413:
-            message = "The request body is larger than 1 MiB."
-        else:
-            message = error.description or error.name
-        return error_response(status, HTTP_CODES.get(status, "http_error"), message)
+            response = error_response(413, "too_large", "The request body is larger than 1 MiB.")
+            response.call_on_close(_drain_refused_body(request.environ, request.content_length))
+            return response
+        return error_response(status, HTTP_CODES.get(status, "http_error"), error.description or error.name)
 
     @app.errorhandler(Exception)
     def _unexpected(error):

@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 
 import buffer
 import context
-from dialect import ChangeDetector
+from dialect import change_detector, reclaim_space
 from models import Conversation, Image, Message, RUNNING, db, now
 from upstream import Stopped, Upstream, UpstreamError
 
@@ -25,6 +25,8 @@ conversations = Conversation.__table__
 images = Image.__table__
 
 WORKER_LOST = ("worker_lost", "The server process running this reply stopped before it finished.")
+# How often an idle process gives deleted space back and empties the write-ahead log.
+RECLAIM_EVERY_SECONDS = 30.0
 
 
 class Runtime:
@@ -45,7 +47,7 @@ class Runtime:
             return
         self.writer = buffer.ChunkWriter(self.engine, self.notifier, self.config["FLUSH_INTERVAL_SECONDS"],
                                          self.config["LEASE_SECONDS"])
-        self.watcher = buffer.CrossProcessWatcher(self.engine, self.notifier, ChangeDetector(self.engine),
+        self.watcher = buffer.CrossProcessWatcher(self.engine, self.notifier, change_detector(self.engine),
                                                   self.config["CROSS_PROCESS_CHECK_SECONDS"])
         self.upstream = Upstream(
             app.config["UPSTREAM_BASE_URL"], app.config["OPENAI_API_KEY"],
@@ -108,6 +110,30 @@ class Runtime:
         with self._lock:
             return list(self._running)
 
+    def drain(self, seconds):
+        """Lets running replies finish for up to seconds, then fails the rest as worker_lost; returns their ids."""
+        if self.writer is None:
+            return []
+        deadline = time.monotonic() + seconds
+        while self.running_ids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lost = self.running_ids()
+        if not lost:
+            return []
+        # The failure is recorded before the upstream is closed, so each reply thread ends without
+        # writing again; the join is bounded in case a reply finishes by itself at this very moment.
+        recorder = threading.Thread(target=self._record_lost, args=(lost,), name="reply-drain", daemon=True)
+        recorder.start()
+        recorder.join(5.0)
+        for message_id in lost:
+            self.stop_local(message_id)
+        log.warning("process exiting: %d running replies marked failed (worker_lost)", len(lost))
+        return lost
+
+    def _record_lost(self, message_ids):
+        for message_id in message_ids:
+            self.writer.finish(message_id, status="failed", error=WORKER_LOST)
+
     def claim_pending(self, limit):
         """Claims up to limit pending replies that no process has taken (thread-free worker mode)."""
         with self.engine.connect() as conn:
@@ -126,6 +152,7 @@ class Runtime:
         renew_every = max(lease / 3.0, 0.2)
         sweep_every = max(lease / 4.0, 0.2)
         next_renew = next_sweep = 0.0
+        next_reclaim = time.monotonic() + RECLAIM_EVERY_SECONDS
         while not self._closed.wait(0.25):
             try:
                 running = self.running_ids()
@@ -138,6 +165,10 @@ class Runtime:
                 if clock >= next_sweep:
                     fail_lost_replies(self.engine, self.notifier)
                     next_sweep = clock + sweep_every
+                if not running and clock >= next_reclaim:
+                    # Only while this process streams nothing: the pass may hold writers up briefly.
+                    reclaim_space(self.engine)
+                    next_reclaim = clock + RECLAIM_EVERY_SECONDS
             except Exception:
                 log.exception("reply supervisor pass failed")
 
@@ -180,6 +211,14 @@ def fail_lost_replies(engine, notifier=None):
     return lost
 
 
+def drain_on_exit(app, seconds):
+    """Before this process exits, lets its replies finish for up to seconds and fails the rest as worker_lost."""
+    state = getattr(app, "extensions", {}).get("relay_runtime")
+    if state is None or state[0] != os.getpid():
+        return []
+    return state[1].drain(seconds)
+
+
 class Reply:
     """One assistant reply being generated in this process."""
 
@@ -197,9 +236,11 @@ class Reply:
                 .where(messages.c.id == self.id, messages.c.status == "pending", messages.c.worker_id.is_(None))
                 .values(worker_id=self.runtime.worker_id,
                         lease_expires_at=now() + self.runtime.config["LEASE_SECONDS"]))
-        if result.rowcount != 1:
-            return False
-        self.runtime.writer.open(self.id)
+            if result.rowcount != 1:
+                return False
+            # Knowing the owner lets polls in this process check it without a query.
+            owner = conn.execute(select(messages.c.owner).where(messages.c.id == self.id)).scalar_one_or_none()
+        self.runtime.writer.open(self.id, owner)
         return True
 
     def abort(self):
@@ -246,7 +287,16 @@ class Reply:
             if self.is_stopped():
                 return
             log.info("reply %s failed: %s", self.id, error.code)
-            writer.finish(self.id, status="failed", error=(error.code, error.message))
+            # Some upstreams echo the Authorization header in their error text.
+            message = without_secret(error.message, config["OPENAI_API_KEY"])
+            writer.finish(self.id, status="failed", error=(error.code, message))
+
+
+def without_secret(text, secret):
+    """Returns text with every occurrence of secret (the upstream API key) masked."""
+    if not secret:
+        return text
+    return text.replace(secret, "[API key]")
 
 
 def store_image(engine, message_id, data, mime):

@@ -11,3 +11,24 @@ graceful_timeout = 30
 keepalive = 75
 control_socket_disable = True
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
+# A stopping worker (reload, max_requests, shutdown) lets its running replies finish for up to
+# this long, then marks the rest failed (worker_lost) at once instead of leaving them to their lease.
+reply_drain_seconds = float(os.environ.get("REPLY_DRAIN_SECONDS", "20"))
+
+
+def worker_int(worker):
+    """Marks a worker told to quit at once (SIGINT, SIGQUIT): its replies get no drain time."""
+    worker.relay_quick_exit = True
+
+
+def worker_abort(worker):
+    """Marks a worker aborted by the master (timeout): its replies get no drain time."""
+    worker.relay_quick_exit = True
+
+
+def worker_exit(server, worker):
+    """Finishes or fails this worker's running replies before the process ends."""
+    if os.getpid() != worker.pid or getattr(worker, "wsgi", None) is None:
+        return  # the master calls this hook too, for workers that are already gone
+    from generation import drain_on_exit
+    drain_on_exit(worker.wsgi, 0.0 if getattr(worker, "relay_quick_exit", False) else reply_drain_seconds)

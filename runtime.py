@@ -41,3 +41,22 @@ def start_demo_upstream(app):
     simulator = Simulator(rate=app.config["DEMO_RATE"]).start()
     app.extensions["demo_simulator"] = simulator
     app.config["UPSTREAM_BASE_URL"] = simulator.url
+
+
+def hold_queued_replies(runtime):
+    """Renews the lease of pending replies no process has claimed yet, so a busy live worker's queue does not fail.
+
+    Without this, a reply waiting longer than LEASE_SECONDS for a free slot would be failed as
+    worker_lost by the very worker that is about to run it. Once no worker renews them, queued
+    replies expire and fail as before.
+    """
+    from sqlalchemy import update
+
+    from models import Message, now
+    messages = Message.__table__
+    lease = runtime.config["LEASE_SECONDS"]
+    with runtime.engine.begin() as conn:
+        conn.execute(update(messages)
+                     .where(messages.c.status == "pending", messages.c.worker_id.is_(None),
+                            messages.c.lease_expires_at < now() + lease / 2)
+                     .values(lease_expires_at=now() + lease))

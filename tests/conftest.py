@@ -10,6 +10,7 @@ if ROOT not in sys.path:
 
 from app import create_app  # noqa: E402
 from simulator import Simulator  # noqa: E402
+from tests import pg  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +21,17 @@ def simulator():
 
 
 @pytest.fixture
-def app_config(tmp_path, simulator):
+def database_url(tmp_path):
+    """A fresh database: a SQLite file, or a new PostgreSQL database when TEST_DATABASE_URL is set."""
+    if not pg.enabled():
+        yield f"sqlite:///{tmp_path / 'app.db'}"
+        return
+    with pg.fresh_database() as url:
+        yield url
+
+
+@pytest.fixture
+def app_config(tmp_path, simulator, database_url):
     """The test config; tests may change it before the app fixture is used."""
     return {
         "TESTING": True,
@@ -29,7 +40,7 @@ def app_config(tmp_path, simulator):
         "CHAT_MODEL": "sim-chat",
         "CHAT_MODELS": "sim-chat,sim-chat-large",
         "IMAGE_MODEL": "sim-image",
-        "SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'app.db'}",
+        "SQLALCHEMY_DATABASE_URI": database_url,
         "SECRET_KEY": "test-secret",
         "UPSTREAM_RETRY_MAX_WAIT": 0.2,
         "UPSTREAM_IDLE_TIMEOUT": 5.0,

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 
 import requests
 
+from tests import pg
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -61,6 +63,8 @@ def app_environment(env, workdir):
         "INSTANCE_PATH": os.path.join(workdir, "instance"),
         "DATABASE_URL": "sqlite:///" + os.path.join(workdir, "app.db"),
         "PYTHONUNBUFFERED": "1",
+        # A test server stopped mid-reply need not wait long for its replies to finish.
+        "REPLY_DRAIN_SECONDS": "2",
     })
     merged.update({key: str(value) for key, value in (env or {}).items()})
     return merged
@@ -68,7 +72,15 @@ def app_environment(env, workdir):
 
 @contextmanager
 def gunicorn_server(env=None, workers=2, threads=64, extra_args=(), log_path=None):
-    """Runs the app under gunicorn on a free port and yields its base URL."""
+    """Runs the app under gunicorn on a free port and yields its base URL.
+
+    The server gets a fresh database: a SQLite file, or a new PostgreSQL database when
+    TEST_DATABASE_URL is set; a DATABASE_URL in env (a shared one) is used as it is.
+    """
+    own_database = None
+    if pg.enabled() and "DATABASE_URL" not in (env or {}):
+        own_database = pg.create_database()
+        env = {**(env or {}), "DATABASE_URL": own_database}
     with tempfile.TemporaryDirectory(prefix="relay-test-") as workdir:
         port = free_port()
         environment = app_environment(env, workdir)
@@ -80,11 +92,14 @@ def gunicorn_server(env=None, workers=2, threads=64, extra_args=(), log_path=Non
                 cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         base_url = f"http://127.0.0.1:{port}"
         server = RunningServer(base_url, process, log_path, workdir)
+        server.database_url = environment["DATABASE_URL"]
         try:
             wait_until_healthy(base_url, process)
             yield server
         finally:
             stop_process_group(process)
+            if own_database is not None:
+                pg.drop_database(own_database)
 
 
 class RunningServer(str):
