@@ -874,6 +874,8 @@ def split_json_in_two(payload):
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # A burst of replies connecting at once must not lose connection attempts (the default is 5).
+    request_queue_size = 1024
 
     def handle_error(self, request, client_address):
         error = sys.exc_info()[1]
