@@ -16,8 +16,6 @@ import json
 import os
 import random
 import secrets
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,12 +33,7 @@ sys.path.insert(0, ROOT)
 
 from dialect import normalize_url  # noqa: E402
 from simulator import Simulator  # noqa: E402
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.servers import free_port, stop_process_group  # noqa: E402
 
 
 def start_host(database_url, upstream_url, workdir, name):
@@ -66,16 +59,6 @@ def start_host(database_url, upstream_url, workdir, name):
             pass
         time.sleep(0.1)
     raise SystemExit(f"host {name} did not start")
-
-
-def stop_host(process):
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
 
 
 def measure(host_a, host_b, samples):
@@ -134,10 +117,10 @@ def main():
             measure(host_a, host_b, 3)  # warm-up
             delays = sorted(measure(host_a, host_b, args.samples))
             for process, _ in hosts:
-                stop_host(process)
+                stop_process_group(process)
     finally:
         for process, _ in hosts:
-            stop_host(process)
+            stop_process_group(process)
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()

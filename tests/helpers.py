@@ -1,8 +1,45 @@
-"""Small helpers shared by the API tests: sending messages, following a reply's cursors, waiting."""
+"""Small helpers shared by the API tests: the simulator upstream, sending messages, following cursors, waiting."""
 import time
 from urllib.parse import urlencode
 
+import pytest
 import requests
+
+from simulator import Simulator, lorem_tokens
+
+
+def lorem(count):
+    """Returns the exact text of count lorem tokens from the simulator."""
+    return "".join(lorem_tokens(count))
+
+
+def simulator_fixture(scope="module", **settings):
+    """Returns a `sim` fixture with a simulator of its own, so its statistics count only its scope's requests."""
+    settings = {"rate": 0, "content": "lorem", **settings}
+
+    @pytest.fixture(scope=scope, name="sim")
+    def own_simulator():
+        with Simulator(**settings) as simulator:
+            yield simulator
+
+    return own_simulator
+
+
+def app_config_fixture_using_sim():
+    """Returns an `app_config` fixture that points the test app at the `sim` fixture's simulator."""
+
+    @pytest.fixture(name="app_config")
+    def app_config_using_sim(app_config, sim):
+        app_config["OPENAI_BASE_URL"] = sim.url
+        return app_config
+
+    return app_config_using_sim
+
+
+def simulator_env(simulator, **settings):
+    """Returns the server environment that makes the app use the simulator as its upstream, plus settings."""
+    return {"OPENAI_BASE_URL": simulator.url, "OPENAI_API_KEY": "sk-test", "CHAT_MODEL": "sim-chat",
+            "IMAGE_MODEL": "sim-image", **settings}
 
 
 def body_of(response):
@@ -26,6 +63,13 @@ class ApiSession(requests.Session):
         return super().request(method, url, *args, **kwargs)
 
 
+def bearer_session(base_url, token, timeout=20):
+    """Returns an ApiSession that sends the access token with every request."""
+    session = ApiSession(base_url, timeout=timeout)
+    session.headers["Authorization"] = f"Bearer {token}"
+    return session
+
+
 def new_conversation(client, **fields):
     """Creates a conversation and returns its id."""
     response = client.post("/api/conversations", json=fields)
@@ -33,11 +77,16 @@ def new_conversation(client, **fields):
     return body_of(response)["id"]
 
 
-def send(client, conversation_id, content, mode="chat"):
-    """Posts a user message and returns the pending assistant reply it started."""
+def post_message(client, conversation_id, content, mode="chat"):
+    """Posts a user message and returns the 202 response that started its reply."""
     response = client.post(f"/api/conversations/{conversation_id}/messages", json={"content": content, "mode": mode})
     assert response.status_code == 202, body_of(response)
-    return body_of(response)["reply"]
+    return response
+
+
+def send(client, conversation_id, content, mode="chat"):
+    """Posts a user message and returns the pending assistant reply it started."""
+    return body_of(post_message(client, conversation_id, content, mode))["reply"]
 
 
 def ask(client, content, mode="chat"):
@@ -45,12 +94,23 @@ def ask(client, content, mode="chat"):
     return send(client, new_conversation(client), content, mode)["id"]
 
 
-def poll(client, message_id, cursor="0", timeout=2.0):
-    """Polls once and returns the answer, which must be a 200."""
+def ask_served_by(client, content):
+    """Starts a reply to content in a new conversation; returns (reply id, PID in the answer's X-Served-By)."""
+    response = post_message(client, new_conversation(client), content)
+    return body_of(response)["reply"]["id"], int(response.headers["X-Served-By"])
+
+
+def poll_response(client, message_id, cursor="0", timeout=2.0):
+    """Polls once and returns the response, which must be a 200."""
     query = urlencode({"cursor": cursor, "timeout": timeout})
     response = client.get(f"/api/messages/{message_id}/poll?{query}")
     assert response.status_code == 200, body_of(response)
-    return body_of(response)
+    return response
+
+
+def poll(client, message_id, cursor="0", timeout=2.0):
+    """Polls once and returns the answer, which must be a 200."""
+    return body_of(poll_response(client, message_id, cursor, timeout))
 
 
 def poll_to_end(client, message_id, cursor="0", deadline_seconds=20.0, poll_timeout=2.0):
@@ -64,6 +124,21 @@ def poll_to_end(client, message_id, cursor="0", deadline_seconds=20.0, poll_time
         if answer["done"]:
             return text, answer
         assert time.monotonic() < deadline, f"reply {message_id} still {answer['status']} after {deadline_seconds} s"
+
+
+def poll_to_end_counting_answers(client, message_id, timeout=2.0, on_response=None):
+    """Polls from cursor 0 to the end, passing on_response each response; returns (text, answer, answers with text)."""
+    text, cursor, answers_with_text = "", "0", 0
+    while True:
+        response = poll_response(client, message_id, cursor, timeout)
+        if on_response is not None:
+            on_response(response)
+        answer = body_of(response)
+        text += answer["text"]
+        cursor = answer["cursor"]
+        answers_with_text += bool(answer["text"])
+        if answer["done"]:
+            return text, answer, answers_with_text
 
 
 def poll_until_text(client, message_id, min_chars=1, deadline_seconds=10.0):

@@ -1,11 +1,9 @@
 """The benchmark's smoke mode: every system relays short replies to 5 clients with no token lost or repeated."""
 import json
-import os
-import signal
 import subprocess
 import sys
 
-from tests.servers import ROOT
+from tests.servers import ROOT, stop_process_group
 
 
 def test_the_smoke_benchmark_delivers_every_token_exactly_once_in_every_system(tmp_path):
@@ -14,14 +12,8 @@ def test_the_smoke_benchmark_delivers_every_token_exactly_once_in_every_system(t
     try:
         output, _ = process.communicate(timeout=120)
     finally:
-        if process.poll() is None:
-            # SIGTERM first: the bench then stops the servers it started in their own sessions.
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(5)
+        # SIGTERM first: the bench then stops the servers it started in their own sessions.
+        stop_process_group(process, timeout=20)
     assert process.returncode == 0, output
     with open(tmp_path / "summary.json") as handle:
         results = json.load(handle)["results"]

@@ -1,21 +1,10 @@
 """Chat memory: what history is sent upstream with each reply."""
-import pytest
-
 from context import IMAGE_NOTE, History
-from simulator import Simulator
+from tests.helpers import app_config_fixture_using_sim, simulator_fixture
 from tests.test_api import ask, new_conversation, poll_to_end, send
 
-
-@pytest.fixture
-def sim():
-    with Simulator(rate=0, content="echo") as simulator:
-        yield simulator
-
-
-@pytest.fixture
-def app_config(app_config, sim):
-    app_config["OPENAI_BASE_URL"] = sim.url
-    return app_config
+sim = simulator_fixture(scope="function", content="echo")
+app_config = app_config_fixture_using_sim()
 
 
 def last_sent_messages(sim):

@@ -5,28 +5,19 @@ import time
 
 import pytest
 
-from simulator import Simulator, lorem_tokens
-from tests.helpers import (ApiSession, body_of, get_message, new_conversation, poll, poll_to_end, poll_until_text,
-                           send, stop, wait_until)
+from tests.helpers import (ApiSession, body_of, get_message, lorem, new_conversation, poll_to_end,
+                           poll_to_end_counting_answers, poll_until_text, send, simulator_env, simulator_fixture, stop,
+                           wait_until)
 from tests.servers import gunicorn_server
 
 LEASE_SECONDS = 2
 
-
-def lorem(count):
-    return "".join(lorem_tokens(count))
-
-
-@pytest.fixture(scope="module")
-def sim():
-    with Simulator(rate=0, content="lorem") as simulator:
-        yield simulator
+sim = simulator_fixture()
 
 
 @pytest.fixture(scope="module")
 def server(sim):
-    env = {"OPENAI_BASE_URL": sim.url, "OPENAI_API_KEY": "sk-test", "CHAT_MODEL": "sim-chat",
-           "IMAGE_MODEL": "sim-image", "LEASE_SECONDS": LEASE_SECONDS, "EXPOSE_WORKER_ID": 1, "POLL_TIMEOUT": 5}
+    env = simulator_env(sim, LEASE_SECONDS=LEASE_SECONDS, EXPOSE_WORKER_ID=1, POLL_TIMEOUT=5)
     with gunicorn_server(env=env, workers=2) as base_url:
         yield base_url
 
@@ -78,14 +69,7 @@ def two_workers(server):
 def test_a_reply_generated_in_one_worker_is_polled_through_the_other(two_workers):
     generating, other = two_workers
     reply = send(generating, new_conversation(generating), "hi [[sim tokens=50 rate=50]]")
-    text, cursor, answers_with_text = "", "0", 0
-    while True:
-        answer = poll(other, reply["id"], cursor, 2.0)
-        text += answer["text"]
-        cursor = answer["cursor"]
-        answers_with_text += bool(answer["text"])
-        if answer["done"]:
-            break
+    text, answer, answers_with_text = poll_to_end_counting_answers(other, reply["id"], 2.0)
     assert answer["status"] == "done"
     assert text == lorem(50)
     assert answers_with_text >= 2, "the other worker should see the text while it streams"

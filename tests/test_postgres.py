@@ -9,7 +9,7 @@ import signal
 import statistics
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import pytest
 from sqlalchemy import create_engine, select, text
@@ -17,10 +17,9 @@ from sqlalchemy import create_engine, select, text
 import buffer
 import dialect
 from models import Message, db
-from simulator import lorem_tokens
 from tests import pg
-from tests.helpers import (ApiSession, get_message, new_conversation, poll, poll_to_end, poll_until_text, send, stop,
-                           wait_until)
+from tests.helpers import (ApiSession, get_message, lorem, new_conversation, poll, poll_to_end,
+                           poll_to_end_counting_answers, poll_until_text, send, simulator_env, stop, wait_until)
 from tests.servers import gunicorn_server
 
 pytestmark = pytest.mark.skipif(not pg.enabled(), reason="set TEST_DATABASE_URL to a PostgreSQL server to run these")
@@ -30,14 +29,9 @@ LEASE_SECONDS = 2
 WORKER_LOST_BOUND = LEASE_SECONDS + 3
 
 
-def lorem(count):
-    return "".join(lorem_tokens(count))
-
-
 def host_env(simulator, database_url):
-    return {"OPENAI_BASE_URL": simulator.url, "OPENAI_API_KEY": "sk-test", "CHAT_MODEL": "sim-chat",
-            "IMAGE_MODEL": "sim-image", "DATABASE_URL": database_url, "SECRET_KEY": "one-secret-for-every-host",
-            "LEASE_SECONDS": LEASE_SECONDS, "POLL_TIMEOUT": 5, "EXPOSE_WORKER_ID": 1}
+    return simulator_env(simulator, DATABASE_URL=database_url, SECRET_KEY="one-secret-for-every-host",
+                         LEASE_SECONDS=LEASE_SECONDS, POLL_TIMEOUT=5, EXPOSE_WORKER_ID=1)
 
 
 def sessions_for(host_a, host_b):
@@ -73,14 +67,7 @@ def on_a_and_b(hosts):
 def test_a_reply_generated_on_host_a_is_polled_through_host_b(on_a_and_b):
     on_a, on_b = on_a_and_b
     reply = send(on_a, new_conversation(on_a), "hi [[sim tokens=40 rate=40]]")
-    text, cursor, answers_with_text = "", "0", 0
-    while True:
-        answer = poll(on_b, reply["id"], cursor, 2.0)
-        text += answer["text"]
-        cursor = answer["cursor"]
-        answers_with_text += bool(answer["text"])
-        if answer["done"]:
-            break
+    text, answer, answers_with_text = poll_to_end_counting_answers(on_b, reply["id"], 2.0)
     assert answer["status"] == "done"
     assert text == lorem(40)
     assert answers_with_text >= 2, "host B should see the text while host A streams it"
@@ -197,10 +184,19 @@ def engine(database_url):
     engine.dispose()
 
 
-def test_a_notification_names_the_messages_that_changed(engine):
-    detector = dialect.ListenDetector(engine, fallback_seconds=30)
+@contextmanager
+def connected_detector(engine, fallback_seconds=30):
+    """Yields a ListenDetector on engine once its listening connection is up, and closes it afterwards."""
+    detector = dialect.ListenDetector(engine, fallback_seconds=fallback_seconds)
     try:
         assert detector.connected.wait(5)
+        yield detector
+    finally:
+        detector.close()
+
+
+def test_a_notification_names_the_messages_that_changed(engine):
+    with connected_detector(engine) as detector:
         detector.changes(["m1", "m2"])  # the first answer covers everything
         with engine.begin() as conn:
             dialect.announce_changes(conn, ["m2", "m9"])
@@ -209,14 +205,10 @@ def test_a_notification_names_the_messages_that_changed(engine):
         assert time.monotonic() - started < 1
         assert detector.changes(["m1", "m2"]) == ["m2"]
         assert detector.changes(["m1", "m2"]) == []
-    finally:
-        detector.close()
 
 
 def test_nothing_is_announced_before_the_transaction_commits(engine):
-    detector = dialect.ListenDetector(engine, fallback_seconds=30)
-    try:
-        assert detector.connected.wait(5)
+    with connected_detector(engine) as detector:
         detector.changes(["m1"])
         with engine.connect() as conn:
             dialect.announce_changes(conn, ["m1"])
@@ -225,28 +217,20 @@ def test_nothing_is_announced_before_the_transaction_commits(engine):
             conn.rollback()
         time.sleep(0.3)
         assert detector.changes(["m1"]) == []
-    finally:
-        detector.close()
 
 
 def test_many_changed_messages_are_split_across_notifications(engine):
-    detector = dialect.ListenDetector(engine, fallback_seconds=30)
-    try:
-        assert detector.connected.wait(5)
+    with connected_detector(engine) as detector:
         ids = [f"message-{number:05d}-{'x' * 12}" for number in range(1000)]
         detector.changes(ids)
         with engine.begin() as conn:
             dialect.announce_changes(conn, ids)
         assert wait_until(lambda: len(detector._changed_ids) == len(ids), 5)
         assert sorted(detector.changes(ids)) == sorted(ids)
-    finally:
-        detector.close()
 
 
 def test_the_listener_reconnects_and_then_counts_everything_as_changed(engine):
-    detector = dialect.ListenDetector(engine, fallback_seconds=30)
-    try:
-        assert detector.connected.wait(5)
+    with connected_detector(engine) as detector:
         detector.changes(["m1"])
         with engine.connect() as conn:
             conn.execute(text(
@@ -259,22 +243,16 @@ def test_the_listener_reconnects_and_then_counts_everything_as_changed(engine):
         with engine.begin() as conn:
             dialect.announce_changes(conn, ["m2"])
         assert wait_until(lambda: "m2" in detector._changed_ids, 5)
-    finally:
-        detector.close()
 
 
 def test_without_notifications_every_watched_message_is_rechecked_after_the_fallback(engine):
-    detector = dialect.ListenDetector(engine, fallback_seconds=0.3)
-    try:
-        assert detector.connected.wait(5)
+    with connected_detector(engine, fallback_seconds=0.3) as detector:
         detector.changes(["m1"])
         assert detector.changes(["m1"]) == []
         started = time.monotonic()
         detector.wait()
         assert 0.2 < time.monotonic() - started < 1.0
         assert detector.changes(["m1"]) == ["m1"]
-    finally:
-        detector.close()
 
 
 def test_nul_characters_from_the_upstream_are_kept_as_replacement_characters(app):

@@ -12,9 +12,8 @@ import time
 import pytest
 import requests
 
-from simulator import Simulator
 from tests import deployed
-from tests.helpers import ApiSession, body_of, stop
+from tests.helpers import ask, bearer_session, body_of, simulator_env, simulator_fixture, stop
 from tests.nginx import nginx_proxy
 from tests.servers import free_port
 
@@ -34,18 +33,14 @@ def report(request, line):
         reporter.write_line(f"[proxy] {line}")
 
 
-@pytest.fixture(scope="module")
-def sim():
-    with Simulator(rate=0, content="lorem") as simulator:
-        yield simulator
+sim = simulator_fixture()
 
 
 @pytest.fixture(scope="module")
 def app_server(sim):
     """gunicorn as deploy/relay-web.service runs it."""
-    env = {"OPENAI_BASE_URL": sim.url, "OPENAI_API_KEY": "sk-test", "CHAT_MODEL": "sim-chat",
-           "IMAGE_MODEL": "sim-image", "ACCESS_TOKENS": TOKEN, "POLL_TIMEOUT": POLL_TIMEOUT,
-           "POLL_TIMEOUT_MAX": POLL_TIMEOUT_MAX, "MAX_RUNNING_PER_OWNER": 20, "MESSAGES_PER_MINUTE": 1000}
+    env = simulator_env(sim, ACCESS_TOKENS=TOKEN, POLL_TIMEOUT=POLL_TIMEOUT, POLL_TIMEOUT_MAX=POLL_TIMEOUT_MAX,
+                        MAX_RUNNING_PER_OWNER=20, MESSAGES_PER_MINUTE=1000)
     with deployed.unit_server("relay-web.service", env) as base_url:
         yield base_url
 
@@ -63,18 +58,11 @@ def proxy(app_server, sim):
 
 
 def api(base_url):
-    session = ApiSession(base_url, timeout=20)
-    session.headers["Authorization"] = f"Bearer {TOKEN}"
-    return session
+    return bearer_session(base_url, TOKEN)
 
 
 def start_reply(base_url, directive):
-    session = api(base_url)
-    created = session.post("/api/conversations", json={})
-    assert created.status_code == 201, body_of(created)
-    sent = session.post(f"/api/conversations/{body_of(created)['id']}/messages", json={"content": f"go {directive}"})
-    assert sent.status_code == 202, body_of(sent)
-    return body_of(sent)["reply"]["id"]
+    return ask(api(base_url), f"go {directive}")
 
 
 def follow_timestamps(base_url, reply_id, results):

@@ -5,29 +5,15 @@ import pytest
 import requests
 
 from simulator import Simulator, lorem_tokens, render_png, unicode_tokens
-from tests.helpers import (ask, body_of, get_message, poll, poll_to_end, poll_until_text, stop, wait_until)
+from tests.helpers import (app_config_fixture_using_sim, ask, body_of, get_message, lorem, poll, poll_to_end,
+                           poll_until_text, simulator_fixture, stop, wait_until)
 from tests.servers import free_port
 from upstream import Upstream
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-
-def lorem(count):
-    """Returns the exact text of count lorem tokens from the simulator."""
-    return "".join(lorem_tokens(count))
-
-
-@pytest.fixture
-def sim():
-    """A simulator of this test alone, so its statistics count only this test's requests."""
-    with Simulator(rate=0, content="lorem") as simulator:
-        yield simulator
-
-
-@pytest.fixture
-def app_config(app_config, sim):
-    app_config["OPENAI_BASE_URL"] = sim.url
-    return app_config
+sim = simulator_fixture(scope="function")
+app_config = app_config_fixture_using_sim()
 
 
 def client_with(request, **settings):

@@ -12,9 +12,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from simulator import Simulator, lorem_tokens
 from tests import deployed
-from tests.helpers import ApiSession, body_of, get_message, poll_to_end, poll_until_text, wait_until
+from tests.helpers import (ask_served_by, bearer_session, body_of, get_message, lorem, poll_to_end,
+                           poll_to_end_counting_answers, poll_until_text, simulator_env, simulator_fixture, wait_until)
 
 TOKEN = "thread-free-token"
 LEASE_SECONDS = 2
@@ -24,10 +24,6 @@ POLL_TIMEOUT = 2
 WORKER_LOST_BOUND = LEASE_SECONDS + POLL_TIMEOUT + 3
 RECHECK_SECONDS = 0.1
 WORKER_COMMANDS = ("always-on-task.sh", "relay-worker.service")
-
-
-def lorem(count):
-    return "".join(lorem_tokens(count))
 
 
 def worker_command(name, extra_args=()):
@@ -40,19 +36,15 @@ def worker_command(name, extra_args=()):
     return ["sh", "-c", " ".join([script.rstrip(), *extra_args])], deployed.ROOT
 
 
-@pytest.fixture(scope="module")
-def sim():
-    with Simulator(rate=0, content="lorem") as simulator:
-        yield simulator
+sim = simulator_fixture()
 
 
 @pytest.fixture(scope="module")
 def web(sim):
     """The thread-free web processes: uWSGI as deploy/shared-host/uwsgi.ini runs it, with 2 processes."""
-    env = {"OPENAI_BASE_URL": sim.url, "OPENAI_API_KEY": "sk-test", "CHAT_MODEL": "sim-chat",
-           "IMAGE_MODEL": "sim-image", "ACCESS_TOKENS": TOKEN, "EXPOSE_WORKER_ID": 1,
-           "POLL_TIMEOUT": POLL_TIMEOUT, "LEASE_SECONDS": LEASE_SECONDS, "POLL_RECHECK_SECONDS": RECHECK_SECONDS,
-           "MAX_RUNNING_PER_OWNER": 50, "MESSAGES_PER_MINUTE": 1000, "REPLY_DRAIN_SECONDS": 1}
+    env = simulator_env(sim, ACCESS_TOKENS=TOKEN, EXPOSE_WORKER_ID=1, POLL_TIMEOUT=POLL_TIMEOUT,
+                        LEASE_SECONDS=LEASE_SECONDS, POLL_RECHECK_SECONDS=RECHECK_SECONDS, MAX_RUNNING_PER_OWNER=50,
+                        MESSAGES_PER_MINUTE=1000, REPLY_DRAIN_SECONDS=1)
     with deployed.uwsgi_server("shared-host/uwsgi.ini", env, extra_args=("--processes", "2")) as base_url:
         base_url.env = env
         yield base_url
@@ -84,19 +76,12 @@ def worker(web):
 
 
 def api(base_url):
-    session = ApiSession(base_url, timeout=20)
-    session.headers["Authorization"] = f"Bearer {TOKEN}"
-    return session
+    return bearer_session(base_url, TOKEN)
 
 
 def start_reply(base_url, directive):
     """Starts a reply in a new conversation; returns (reply id, PID of the web process that stored it)."""
-    session = api(base_url)
-    created = session.post("/api/conversations", json={})
-    assert created.status_code == 201, body_of(created)
-    sent = session.post(f"/api/conversations/{body_of(created)['id']}/messages", json={"content": f"go {directive}"})
-    assert sent.status_code == 202, body_of(sent)
-    return body_of(sent)["reply"]["id"], int(sent.headers["X-Served-By"])
+    return ask_served_by(api(base_url), f"go {directive}")
 
 
 def thread_count(pid):
@@ -107,18 +92,9 @@ def thread_count(pid):
 def test_the_worker_process_runs_replies_that_stream_through_thread_free_web_processes(web, command):
     with start_worker(web, command):
         reply_id, stored_by = start_reply(web, "[[sim tokens=40 rate=40]]")
-        session = api(web)
-        text, cursor, answers_with_text, web_pids = "", "0", 0, {stored_by}
-        while True:
-            response = session.get(f"/api/messages/{reply_id}/poll", params={"cursor": cursor, "timeout": 5})
-            assert response.status_code == 200, body_of(response)
-            answer = body_of(response)
-            web_pids.add(int(response.headers["X-Served-By"]))
-            text += answer["text"]
-            cursor = answer["cursor"]
-            answers_with_text += bool(answer["text"])
-            if answer["done"]:
-                break
+        web_pids = {stored_by}
+        text, answer, answers_with_text = poll_to_end_counting_answers(
+            api(web), reply_id, 5, on_response=lambda response: web_pids.add(int(response.headers["X-Served-By"])))
     assert answer["status"] == "done"
     assert text == lorem(40)
     assert answers_with_text >= 3, f"the text came in {answers_with_text} answer(s), not streamed"

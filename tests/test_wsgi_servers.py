@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from simulator import Simulator, lorem_tokens
 from tests import deployed
-from tests.helpers import ApiSession, body_of, get_message, poll, poll_to_end, poll_until_text, wait_until
+from tests.helpers import (ask_served_by, bearer_session, body_of, get_message, lorem, poll_to_end,
+                           poll_to_end_counting_answers, poll_until_text, simulator_env, simulator_fixture, wait_until)
 
 TOKEN = "wsgi-suite-token"
 SERVERS = {
@@ -29,14 +29,7 @@ ROUNDS = 5
 WAKE_LIMIT_SECONDS = 1.0  # generous for a loaded 2-core machine; idle it is a few tens of milliseconds
 
 
-def lorem(count):
-    return "".join(lorem_tokens(count))
-
-
-@pytest.fixture(scope="module")
-def sim():
-    with Simulator(rate=0, content="lorem") as simulator:
-        yield simulator
+sim = simulator_fixture()
 
 
 @pytest.fixture(scope="module", params=list(SERVERS))
@@ -46,9 +39,8 @@ def server(request, sim):
         assert deployed.apache_available(), (
             "Apache with mod_wsgi is needed: apt-get install -y apache2 libapache2-mod-wsgi-py3 python3-venv")
     start, processes = SERVERS[request.param]
-    env = {"OPENAI_BASE_URL": sim.url, "OPENAI_API_KEY": "sk-test", "CHAT_MODEL": "sim-chat",
-           "IMAGE_MODEL": "sim-image", "ACCESS_TOKENS": TOKEN, "EXPOSE_WORKER_ID": 1, "POLL_TIMEOUT": 5,
-           "LEASE_SECONDS": 5, "MAX_RUNNING_PER_OWNER": 50, "MESSAGES_PER_MINUTE": 1000}
+    env = simulator_env(sim, ACCESS_TOKENS=TOKEN, EXPOSE_WORKER_ID=1, POLL_TIMEOUT=5, LEASE_SECONDS=5,
+                        MAX_RUNNING_PER_OWNER=50, MESSAGES_PER_MINUTE=1000)
     with start(env) as base_url:
         base_url.name = request.param
         base_url.processes = processes
@@ -57,33 +49,20 @@ def server(request, sim):
 
 def api(base_url):
     """A session of the suite's owner that opens a new connection for every request, as many clients do."""
-    session = ApiSession(base_url, timeout=20)
-    session.headers["Authorization"] = f"Bearer {TOKEN}"
+    session = bearer_session(base_url, TOKEN)
     session.headers["Connection"] = "close"
     return session
 
 
 def start_reply(base_url, directive):
     """Starts a reply in a new conversation; returns (reply id, PID of the process that runs it)."""
-    session = api(base_url)
-    created = session.post("/api/conversations", json={})
-    assert created.status_code == 201, body_of(created)
-    sent = session.post(f"/api/conversations/{body_of(created)['id']}/messages", json={"content": f"go {directive}"})
-    assert sent.status_code == 202, body_of(sent)
-    return body_of(sent)["reply"]["id"], int(sent.headers["X-Served-By"])
+    return ask_served_by(api(base_url), f"go {directive}")
 
 
 def test_a_reply_streams_through_several_poll_answers(server):
     reply_id, _ = start_reply(server, "[[sim tokens=40 rate=40]]")
     session = api(server)
-    text, cursor, answers_with_text = "", "0", 0
-    while True:
-        answer = poll(session, reply_id, cursor, 5.0)
-        text += answer["text"]
-        cursor = answer["cursor"]
-        answers_with_text += bool(answer["text"])
-        if answer["done"]:
-            break
+    text, answer, answers_with_text = poll_to_end_counting_answers(session, reply_id, 5.0)
     assert answer["status"] == "done"
     assert text == lorem(40)
     assert answers_with_text >= 3, f"{server.name}: the text came in {answers_with_text} answer(s), not streamed"
