@@ -88,8 +88,13 @@ def owner():
     return who
 
 
+def may_be_id(value):
+    """Tells whether value could be a stored id: at most 32 characters, and no NUL, which PostgreSQL refuses."""
+    return len(value) <= 32 and "\x00" not in value
+
+
 def owned_conversation(conversation_id, who):
-    conversation = db.session.get(Conversation, conversation_id) if len(conversation_id) <= 32 else None
+    conversation = db.session.get(Conversation, conversation_id) if may_be_id(conversation_id) else None
     if conversation is None or conversation.owner != who:
         raise ApiError(404, "not_found", "No such conversation.")
     return conversation
@@ -97,7 +102,7 @@ def owned_conversation(conversation_id, who):
 
 def owned_message_row(conn, message_id, who):
     row = None
-    if len(message_id) <= 32:
+    if may_be_id(message_id):
         row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
     if row is None or row.owner != who:
         raise ApiError(404, "not_found", "No such message.")
@@ -525,7 +530,7 @@ def poll(message_id):
     except buffer.BadCursor:
         raise ApiError(400, "bad_cursor", "The cursor is not one this server handed out.") from None
     timeout = poll_timeout()
-    if len(message_id) > 32:
+    if not may_be_id(message_id):
         raise ApiError(404, "not_found", "No such message.")
     with poll_load:
         return jsonify(answer_poll(get_runtime(), message_id, who, cursor, timeout))

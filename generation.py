@@ -183,11 +183,14 @@ class Runtime:
                 self.stop_local(message_id)
 
     def _renew_leases(self):
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(messages)
+        # Rows another transaction holds are skipped, not waited for: the chunk writer locks its rows one
+        # by one in its own order (and extends their leases itself), so waiting could deadlock with it.
+        mine = (select(messages.c.id)
                 .where(messages.c.worker_id == self.worker_id, messages.c.status.in_(RUNNING))
-                .values(lease_expires_at=now() + self.config["LEASE_SECONDS"]))
+                .with_for_update(skip_locked=True))
+        with self.engine.begin() as conn:
+            conn.execute(update(messages).where(messages.c.id.in_(mine))
+                         .values(lease_expires_at=now() + self.config["LEASE_SECONDS"]))
 
 
 def fail_lost_replies(engine, notifier=None):

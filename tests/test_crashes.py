@@ -21,7 +21,7 @@ from simulator import Simulator, lorem_tokens
 from tests import pg
 from tests.helpers import ApiSession, ask, body_of, get_message, poll_to_end, poll_until_text, wait_until
 from tests.servers import gunicorn_server, stop_process_group
-from tests.test_storage import read_rows, report
+from tests.test_storage import report
 
 TOKEN = "crash-test-token"
 RATE = 20  # simulator tokens per second for the replies that a crash interrupts
@@ -130,12 +130,9 @@ def assert_ended_keeping_polled_text(follower, polled_before, expected_status, f
     assert again.text == message["content"]
 
 
-def database_of(server):
-    return getattr(server, "database_url", None) or "sqlite:///" + os.path.join(server.workdir, "app.db")
-
-
 def running_rows(database_url):
-    return read_rows(database_url, "SELECT count(*) FROM messages WHERE status IN ('pending', 'streaming')")[0][0]
+    """Counts the replies still marked running in the database at database_url (SQLite or PostgreSQL)."""
+    return pg.query(database_url, "SELECT count(*) FROM messages WHERE status IN ('pending', 'streaming')")[0][0]
 
 
 # kill -9 --------------------------------------------------------------------------------
@@ -150,7 +147,7 @@ def test_killing_the_only_worker_fails_its_reply_and_the_replacement_worker_answ
         took = follower.to_end(deadline_seconds=lease + 8)
         assert_ended_keeping_polled_text(follower, polled, "failed")
         assert worker not in base_url.worker_pids()
-        assert running_rows(database_of(base_url)) == 0
+        assert running_rows(base_url.database_url) == 0
     report(request, f"kill -9 of the only worker (LEASE_SECONDS={lease}): worker_lost after {took:.2f} s")
 
 
@@ -174,7 +171,7 @@ def test_a_graceful_reload_finishes_short_replies_and_fails_long_ones_at_once(re
         # The lease (30 s) had not run out: the exiting worker recorded the loss itself.
         assert long_took < DRAIN_SECONDS + 8
         assert wait_until(lambda: set(base_url.worker_pids()).isdisjoint(old_workers), 10)
-        assert running_rows(database_of(base_url)) == 0
+        assert running_rows(base_url.database_url) == 0
     report(request, f"HUP reload (REPLY_DRAIN_SECONDS={DRAIN_SECONDS}, lease 30 s): short reply done; "
                     f"long reply worker_lost {long_took:.2f} s after the signal")
 
@@ -207,7 +204,7 @@ def test_worker_recycling_by_max_requests_finishes_short_replies_and_fails_long_
         assert_ended_keeping_polled_text(long, long_polled, "failed")
         assert long_took < DRAIN_SECONDS + 8
         assert wait_until(lambda: worker not in base_url.worker_pids(), 10)
-        assert running_rows(database_of(base_url)) == 0
+        assert running_rows(base_url.database_url) == 0
     report(request, f"max_requests recycling: short reply done; long reply worker_lost {long_took:.2f} s "
                     f"after the worker's last request")
 

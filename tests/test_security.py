@@ -14,9 +14,10 @@ from flask.sessions import SecureCookieSessionInterface
 
 import auth
 from simulator import Simulator, lorem_tokens
+from tests import pg
 from tests.helpers import ApiSession, body_of, new_conversation, poll_to_end, send
 from tests.servers import gunicorn_server
-from tests.test_storage import read_rows, table_snapshot
+from tests.test_storage import table_snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWNER_TOKEN = "owner-token-0001"
@@ -441,10 +442,6 @@ def conversations_of(base_url, token, count):
     return [new_conversation(session) for _ in range(count)]
 
 
-def database_of(server):
-    return getattr(server, "database_url", None) or "sqlite:///" + os.path.join(server.workdir, "app.db")
-
-
 def assert_only(statuses, accepted):
     assert all(status is not None for status in statuses)
     assert sorted(code for code, _, _ in statuses).count(202) == accepted, [s[:2] for s in statuses]
@@ -467,7 +464,8 @@ def test_the_running_replies_limit_holds_when_many_requests_race(limits_sim):
     with gunicorn_server(env=env, workers=2, threads=32) as base_url:
         statuses = race(base_url, "racer", conversations_of(base_url, "racer", 24), "[[sim tokens=300 rate=30]]")
         assert_only(statuses, 3)
-        running = read_rows(database_of(base_url), "SELECT count(*) FROM messages WHERE status IN ('pending', 'streaming')")
+        running = pg.query(base_url.database_url,
+                           "SELECT count(*) FROM messages WHERE status IN ('pending', 'streaming')")
         assert running == [(3,)]
 
 
@@ -477,4 +475,4 @@ def test_the_messages_per_minute_limit_holds_when_many_requests_race(limits_sim)
     with gunicorn_server(env=env, workers=2, threads=32) as base_url:
         statuses = race(base_url, "racer", conversations_of(base_url, "racer", 24), "[[sim tokens=3]]")
         assert_only(statuses, 5)
-        assert read_rows(database_of(base_url), "SELECT count(*) FROM messages WHERE role = 'user'") == [(5,)]
+        assert pg.query(base_url.database_url, "SELECT count(*) FROM messages WHERE role = 'user'") == [(5,)]

@@ -14,6 +14,7 @@ import dialect
 import generation
 from models import db
 from simulator import lorem_tokens
+from tests import pg
 from tests.helpers import get_message, new_conversation, poll, poll_to_end, poll_until_text, send, stop, wait_until
 
 TOKEN = "storage-token"
@@ -78,10 +79,6 @@ def write_rows(url, statements):
 def table_snapshot(url):
     """Returns every row of every table, to compare before and after a request."""
     return {table: sorted(map(repr, read_rows(url, f"SELECT * FROM {table}"))) for table in TABLES}
-
-
-def is_sqlite(app):
-    return app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite")
 
 
 def database_path(app):
@@ -236,21 +233,18 @@ def test_deleting_a_conversation_removes_its_messages_chunks_and_images(client, 
 
 # Churn and reclaiming space ----------------------------------------------------------------
 
-@pytest.fixture
-def sqlite_app(app):
-    if not is_sqlite(app):
-        pytest.skip("file sizes and pages are SQLite's; PostgreSQL's autovacuum reclaims space by itself")
-    return app
+sqlite_only = pytest.mark.skipif(
+    pg.enabled(), reason="SQLite file size, pages and log; PostgreSQL's autovacuum reclaims space by itself")
 
 
-def test_a_new_database_gives_deleted_pages_back(sqlite_app):
-    app = sqlite_app
+@sqlite_only
+def test_a_new_database_gives_deleted_pages_back(app):
     assert query(app, "PRAGMA auto_vacuum") == [(2,)]  # incremental
     assert query(app, "PRAGMA journal_mode") == [("wal",)]
 
 
-def test_reclaiming_space_gives_up_at_once_while_another_connection_writes(sqlite_app):
-    app = sqlite_app
+@sqlite_only
+def test_reclaiming_space_gives_up_at_once_while_another_connection_writes(app):
     with app.app_context():
         engine = db.engine
     holder = sqlite3.connect(database_path(app), isolation_level=None)
@@ -304,9 +298,9 @@ def churn(app, replies, threads, errors, done_counter):
     return workers
 
 
+@sqlite_only
 def test_a_churn_of_a_thousand_replies_leaves_the_database_and_its_log_within_the_bound(
-        request, sqlite_app, client, monkeypatch):
-    app = sqlite_app
+        request, app, client, monkeypatch):
     monkeypatch.setattr(generation, "RECLAIM_EVERY_SECONDS", 0.5)
     poll_to_end(client, send(client, new_conversation(client), "warm up [[sim tokens=5]]")["id"])
     client.delete(f"/api/conversations/{client.get('/api/conversations').json['conversations'][0]['id']}")
