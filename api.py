@@ -317,11 +317,12 @@ def post_message(conversation_id):
         if not conversation.title:
             conn.execute(update(conversations).where(conversations.c.id == conversation_id)
                          .values(title=title_from(content)))
-    start_generation(reply_id)
+    # Read back before the reply starts, so the answer shows it pending as PROTOCOL says.
     with db.engine.connect() as conn:
         user = conn.execute(select(messages).where(messages.c.id == user_id)).first()
         reply = conn.execute(select(messages).where(messages.c.id == reply_id)).first()
-        return jsonify({"message": message_to_dict(user), "reply": message_json(conn, reply)}), 202
+    start_generation(reply_id)
+    return jsonify({"message": message_to_dict(user), "reply": message_to_dict(reply)}), 202
 
 
 def title_from(content):
@@ -385,10 +386,10 @@ def regenerate(message_id):
         conn.execute(delete(images).where(images.c.message_id == message_id))
         conn.execute(delete(messages).where(messages.c.id == message_id))
         reply_id = insert_reply(conn, conversation, row.position, row.mode, who, moment)
-    start_generation(reply_id)
     with db.engine.connect() as conn:
         reply = conn.execute(select(messages).where(messages.c.id == reply_id)).first()
-        return jsonify({"reply": message_json(conn, reply)}), 202
+    start_generation(reply_id)
+    return jsonify({"reply": message_to_dict(reply)}), 202
 
 
 # The poll ----------------------------------------------------------------------

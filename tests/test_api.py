@@ -404,3 +404,13 @@ def test_the_api_key_never_appears_in_answers(client, app):
     poll_to_end(client, sent["reply"]["id"])
     for path in ("/api/config", "/api/conversations", f"/api/messages/{sent['reply']['id']}", "/"):
         assert app.config["OPENAI_API_KEY"] not in client.get(path).get_data(as_text=True)
+
+
+def test_the_posted_reply_is_answered_pending_even_when_the_upstream_is_instant(client):
+    for _ in range(5):
+        _, sent = ask(client, "[[sim content=lorem tokens=3]]")
+        assert sent["reply"]["status"] == "pending" and sent["reply"]["content"] == ""
+        poll_to_end(client, sent["reply"]["id"])
+        regenerated = client.post(f"/api/messages/{sent['reply']['id']}/regenerate").json["reply"]
+        assert regenerated["status"] == "pending"
+        poll_to_end(client, regenerated["id"])
