@@ -70,7 +70,13 @@ class Runtime:
     def run_reply(self, message_id):
         """Claims the pending reply and generates it; returns when it is final."""
         reply = Reply(self, message_id)
-        if not reply.claim():
+        try:
+            claimed = reply.claim()
+        except Exception:
+            # The reply stays unclaimed; its lease runs out and it fails as worker_lost.
+            log.exception("could not claim reply %s", message_id)
+            return
+        if not claimed:
             return
         with self._lock:
             self._running[message_id] = reply
