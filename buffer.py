@@ -256,7 +256,6 @@ class ChunkWriter:
         self._cond = threading.Condition()
         self._text = {}        # message id -> [pieces not yet written]
         self._finals = {}      # message id -> (kwargs for finalize, done event)
-        self._lengths = {}     # message id -> characters written
         self._cancelled = set()
         self._committed = {}   # message id -> CommittedText
         self._last_write = 0.0
@@ -267,7 +266,6 @@ class ChunkWriter:
     def open(self, message_id, owner=None):
         """Starts tracking a reply whose buffer is empty."""
         with self._cond:
-            self._lengths[message_id] = 0
             self._cancelled.discard(message_id)
             self._committed[message_id] = CommittedText(owner)
 
@@ -342,7 +340,7 @@ class ChunkWriter:
                     self._cond.wait()
                 # Gather only when several replies stream here and the last write was recent: a lone
                 # reply, or an idle writer, is written at once; the gathering grows with the replies.
-                others = min(1.0, (len(self._lengths) - 1) / self.BUSY_REPLIES)
+                others = min(1.0, (len(self._committed) - 1) / self.BUSY_REPLIES)
                 gather_until = self._last_write + self._flush_interval * max(others, 0.0)
                 while not self._finals:
                     left = gather_until - time.monotonic()
@@ -370,9 +368,11 @@ class ChunkWriter:
         with self._engine.begin() as conn:
             batch = {}
             for message_id, pieces in text.items():
+                committed = self._committed.get(message_id)
                 joined = dialect.storable_text(conn, "".join(pieces))
-                if joined:
-                    batch[message_id] = (self._lengths.get(message_id, 0) + len(joined), joined)
+                if joined and committed is not None:
+                    # Only this thread extends a reply's committed text, so its length is the next offset.
+                    batch[message_id] = (len(committed.text) + len(joined), joined)
             if batch:
                 result = conn.execute(_EXTEND_REPLY, [{"message_id": message_id, "end": end, "lease": lease}
                                                       for message_id, (end, _joined) in batch.items()])
@@ -403,8 +403,7 @@ class ChunkWriter:
                 changed.append(message_id)
         moment = time.monotonic()
         with self._cond:
-            self._lengths.update(written)
-            for message_id, end in written.items():
+            for message_id in written:
                 committed = self._committed.get(message_id)
                 if committed is not None:
                     committed.add(batch[message_id][1], moment)
@@ -414,7 +413,6 @@ class ChunkWriter:
         for message_id, (_final, done, outcome) in finals.items():
             outcome["finalized"] = outcomes[message_id]
             with self._cond:
-                self._lengths.pop(message_id, None)
                 self._cancelled.discard(message_id)
             done.set()
         self._notifier.notify(changed)
@@ -422,7 +420,6 @@ class ChunkWriter:
     def close(self, message_id):
         """Stops tracking a reply; text still queued for it is dropped."""
         with self._cond:
-            self._lengths.pop(message_id, None)
             self._cancelled.discard(message_id)
             self._text.pop(message_id, None)
             self._committed.pop(message_id, None)
