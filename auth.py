@@ -28,8 +28,8 @@ class CachedSessionInterface(SecureCookieSessionInterface):
     def open_session(self, app, request):
         value = request.cookies.get(self.get_cookie_name(app))
         if value:
-            cached = self._verified.get(value)
-            if cached is not None and cached[0] > time.monotonic():
+            cached = self.cached_entry(value)
+            if cached is not None:
                 return self.session_class(cached[1])
         opened = super().open_session(app, request)
         if value and opened:
@@ -38,6 +38,13 @@ class CachedSessionInterface(SecureCookieSessionInterface):
                     self._verified.clear()
                 self._verified[value] = (time.monotonic() + self.recheck_seconds, dict(opened))
         return opened
+
+    def cached_entry(self, value):
+        """Returns (monotonic deadline, contents) of a session cookie verified within the last minute, else None."""
+        cached = self._verified.get(value)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached
+        return None
 
 
 def install_session_cache(app):
@@ -62,12 +69,17 @@ def auth_required():
 
 def check_token(token):
     """Returns the owner for a valid token, else None; compares in constant time."""
+    return owner_for_token(token, configured_tokens())
+
+
+def owner_for_token(token, tokens):
+    """Returns the owner for token if it is one of tokens, else None; compares in constant time."""
     if not token:
         return None
     candidate = token.encode("utf-8", "surrogateescape")
     matched = None
     # Every configured token is compared, so timing tells nothing about which one matched.
-    for configured in configured_tokens():
+    for configured in tokens:
         if hmac.compare_digest(candidate, configured.encode("utf-8")):
             matched = configured
     return token_owner(matched) if matched is not None else None

@@ -1,10 +1,14 @@
-"""gunicorn settings: threaded workers, because every held poll occupies one thread."""
+"""gunicorn settings for `gunicorn -c gunicorn.conf.py asgi:app`.
+
+gunicorn's asgi worker (front.Worker) runs front.py: polls wait on the event loop, and the
+Flask app answers every other request on GUNICORN_THREADS threads per worker.
+"""
 import os
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
-worker_class = "gthread"
+worker_class = "front.Worker"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-threads = int(os.environ.get("GUNICORN_THREADS", "64"))
+asgi_loop = "asyncio"
 # Held polls return within the poll timeout (25 s by default); leave headroom.
 timeout = 90
 graceful_timeout = 30
@@ -28,7 +32,8 @@ def worker_abort(worker):
 
 def worker_exit(server, worker):
     """Finishes or fails this worker's running replies before the process ends."""
-    if os.getpid() != worker.pid or getattr(worker, "wsgi", None) is None:
+    app = getattr(getattr(worker, "asgi", None), "flask_app", None)
+    if os.getpid() != worker.pid or app is None:
         return  # the master calls this hook too, for workers that are already gone
     from generation import drain_on_exit
-    drain_on_exit(worker.wsgi, 0.0 if getattr(worker, "relay_quick_exit", False) else reply_drain_seconds)
+    drain_on_exit(app, 0.0 if getattr(worker, "relay_quick_exit", False) else reply_drain_seconds)

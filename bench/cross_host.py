@@ -45,7 +45,7 @@ def start_host(database_url, upstream_url, workdir, name):
                 "WEB_CONCURRENCY": "1", "GUNICORN_THREADS": "16", "INSTANCE_PATH": os.path.join(workdir, name),
                 "MESSAGES_PER_MINUTE": "100000", "PYTHONUNBUFFERED": "1"})
     log = open(os.path.join(workdir, f"{name}.log"), "ab")
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "asgi:app"], cwd=ROOT,
                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

@@ -103,6 +103,6 @@ def product(upstream_url, workers, threads, extra_env=None, log_dir=None, root=R
         "DATABASE_URL": "sqlite:///" + os.path.join(workdir, "app.db"),
     }
     env.update(extra_env or {})
-    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "asgi:app"]
     return Server(f"product-{workers}w", command, f"http://127.0.0.1:{port}", "/healthz", env=env,
                   cwd=root, log_dir=log_dir)

@@ -88,7 +88,7 @@ def gunicorn_server(env=None, workers=2, threads=64, extra_args=(), log_path=Non
         log_path = log_path or os.path.join(workdir, "server.log")
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *extra_args, "wsgi:app"],
+                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *extra_args, "asgi:app"],
                 cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         base_url = f"http://127.0.0.1:{port}"
         server = RunningServer(base_url, process, log_path, workdir)
