@@ -6,7 +6,7 @@ import threading
 import time
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import bindparam, case, delete, func, select, update
 
 import auth
 import buffer
@@ -98,6 +98,19 @@ def owned_conversation(conversation_id, who):
     if conversation is None or conversation.owner != who:
         raise ApiError(404, "not_found", "No such conversation.")
     return conversation
+
+
+def owned_conversation_row(conversation_id, who):
+    """Returns (id, model, title) of the caller's conversation, read without the ORM; 404 otherwise."""
+    row = None
+    if may_be_id(conversation_id):
+        with db.engine.connect() as conn:
+            row = conn.execute(select(conversations.c.id, conversations.c.owner, conversations.c.model,
+                                      conversations.c.title)
+                               .where(conversations.c.id == conversation_id)).first()
+    if row is None or row.owner != who:
+        raise ApiError(404, "not_found", "No such conversation.")
+    return row
 
 
 def owned_message_row(conn, message_id, who):
@@ -282,9 +295,17 @@ def has_running_reply(conn, conversation_id):
         messages.c.conversation_id == conversation_id, messages.c.status.in_(RUNNING)).limit(1)).first() is not None
 
 
-def start_generation(reply_id):
+def conversation_tail(conn, conversation_id):
+    """Returns (last position, replies running) of a conversation in one query."""
+    row = conn.execute(select(func.coalesce(func.max(messages.c.position), 0),
+                              func.coalesce(func.sum(case((messages.c.status.in_(RUNNING), 1), else_=0)), 0))
+                       .where(messages.c.conversation_id == conversation_id)).first()
+    return row[0], row[1]
+
+
+def start_generation(reply_id, who):
     if current_app.config["GENERATION_MODE"] == "thread":
-        get_runtime().start_reply(reply_id)
+        get_runtime().start_reply(reply_id, who)
 
 
 @bp.post("/conversations/<conversation_id>/messages")
@@ -298,16 +319,15 @@ def post_message(conversation_id):
     mode = body.get("mode", "chat")
     if mode not in ("chat", "image"):
         raise ApiError(400, "bad_request", "'mode' must be \"chat\" or \"image\".")
-    conversation = owned_conversation(conversation_id, who)
-    db.session.commit()
+    conversation = owned_conversation_row(conversation_id, who)
     moment = now()
     with db.engine.begin() as conn:
         lock_conversation(conn, conversation_id, moment)
-        if has_running_reply(conn, conversation_id):
+        last_position, running = conversation_tail(conn, conversation_id)
+        if running:
             raise ApiError(409, "reply_running", "This conversation already has a reply running; stop it first.")
         check_rate_limits(conn, who)
-        position = conn.execute(select(func.coalesce(func.max(messages.c.position), 0)).where(
-            messages.c.conversation_id == conversation_id)).scalar_one() + 1
+        position = last_position + 1
         user_id = new_id()
         conn.execute(messages.insert().values(
             id=user_id, conversation_id=conversation_id, owner=who, position=position, role="user", mode=mode,
@@ -319,9 +339,9 @@ def post_message(conversation_id):
                          .values(title=title_from(content)))
     # Read back before the reply starts, so the answer shows it pending as PROTOCOL says.
     with db.engine.connect() as conn:
-        user = conn.execute(select(messages).where(messages.c.id == user_id)).first()
-        reply = conn.execute(select(messages).where(messages.c.id == reply_id)).first()
-    start_generation(reply_id)
+        rows = {row.id: row for row in conn.execute(select(messages).where(messages.c.id.in_((user_id, reply_id))))}
+    user, reply = rows[user_id], rows[reply_id]
+    start_generation(reply_id, who)
     return jsonify({"message": message_to_dict(user), "reply": message_to_dict(reply)}), 202
 
 
@@ -369,8 +389,7 @@ def regenerate(message_id):
     who = owner()
     with db.engine.connect() as conn:
         row = owned_message_row(conn, message_id, who)
-    conversation = db.session.get(Conversation, row.conversation_id)
-    db.session.commit()
+    conversation = owned_conversation_row(row.conversation_id, who)
     moment = now()
     with db.engine.begin() as conn:
         lock_conversation(conn, row.conversation_id, moment)
@@ -388,7 +407,7 @@ def regenerate(message_id):
         reply_id = insert_reply(conn, conversation, row.position, row.mode, who, moment)
     with db.engine.connect() as conn:
         reply = conn.execute(select(messages).where(messages.c.id == reply_id)).first()
-    start_generation(reply_id)
+    start_generation(reply_id, who)
     return jsonify({"reply": message_to_dict(reply)}), 202
 
 

@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 
 import buffer
 import context
-from dialect import change_detector, reclaim_space
+from dialect import change_detector, checkpoint_in_background, reclaim_space
 from models import Conversation, Image, Message, RUNNING, db, now
 from upstream import Stopped, Upstream, UpstreamError
 
@@ -27,6 +27,8 @@ images = Image.__table__
 WORKER_LOST = ("worker_lost", "The server process running this reply stopped before it finished.")
 # How often an idle process gives deleted space back and empties the write-ahead log.
 RECLAIM_EVERY_SECONDS = 30.0
+# How often a process that streams copies the write-ahead log into the database (SQLite).
+CHECKPOINT_EVERY_SECONDS = 1.0
 
 
 class Runtime:
@@ -60,18 +62,18 @@ class Runtime:
 
     # Replies ---------------------------------------------------------------
 
-    def start_reply(self, message_id):
-        """Runs the reply in a new named daemon thread of this process."""
-        thread = threading.Thread(target=self.run_reply, args=(message_id,), name=f"reply-{message_id}",
+    def start_reply(self, message_id, owner=None):
+        """Runs the reply in a new named daemon thread of this process (owner, when known, saves a query)."""
+        thread = threading.Thread(target=self.run_reply, args=(message_id, owner), name=f"reply-{message_id}",
                                   daemon=True)
         thread.start()
         return thread
 
-    def run_reply(self, message_id):
+    def run_reply(self, message_id, owner=None):
         """Claims the pending reply and generates it; returns when it is final."""
         reply = Reply(self, message_id)
         try:
-            claimed = reply.claim()
+            claimed = reply.claim(owner)
         except Exception:
             # The reply stays unclaimed; its lease runs out and it fails as worker_lost.
             log.exception("could not claim reply %s", message_id)
@@ -159,6 +161,7 @@ class Runtime:
         sweep_every = max(lease / 4.0, 0.2)
         next_renew = next_sweep = 0.0
         next_reclaim = time.monotonic() + RECLAIM_EVERY_SECONDS
+        next_checkpoint = 0.0
         while not self._closed.wait(0.25):
             try:
                 running = self.running_ids()
@@ -171,6 +174,9 @@ class Runtime:
                 if clock >= next_sweep:
                     fail_lost_replies(self.engine, self.notifier)
                     next_sweep = clock + sweep_every
+                if running and clock >= next_checkpoint:
+                    checkpoint_in_background(self.engine)
+                    next_checkpoint = clock + CHECKPOINT_EVERY_SECONDS
                 if not running and clock >= next_reclaim:
                     # Only while this process streams nothing: the pass may hold writers up briefly.
                     reclaim_space(self.engine)
@@ -237,7 +243,7 @@ class Reply:
         self.stream = None
         self._aborted = threading.Event()
 
-    def claim(self):
+    def claim(self, owner=None):
         """Takes ownership of the pending message; returns False when another worker has it."""
         with self.runtime.engine.begin() as conn:
             result = conn.execute(
@@ -248,7 +254,8 @@ class Reply:
             if result.rowcount != 1:
                 return False
             # Knowing the owner lets polls in this process check it without a query.
-            owner = conn.execute(select(messages.c.owner).where(messages.c.id == self.id)).scalar_one_or_none()
+            if owner is None:
+                owner = conn.execute(select(messages.c.owner).where(messages.c.id == self.id)).scalar_one_or_none()
         self.runtime.writer.open(self.id, owner)
         return True
 
