@@ -1,6 +1,7 @@
 """The chunk buffer: append text in batches, read after a cursor, wait for and announce new text."""
 import bisect
 import logging
+import operator
 import threading
 import time
 
@@ -268,7 +269,7 @@ class ManyStatement:
         if order is None:
             parameters = [{**common, **row} for row in rows]
         else:
-            parameters = [tuple(row[name] if name in row else common[name] for name in order) for row in rows]
+            parameters = [order({**common, **row}) for row in rows]
         return conn.exec_driver_sql(sql, parameters)
 
     def _compile(self, sql_dialect):
@@ -281,7 +282,10 @@ class ManyStatement:
                 converters[name] = converter
             value = bind.effective_value
             defaults[name] = converter(value) if converter is not None and value is not None else value
-        order = list(compiled.positiontup) if compiled.positional else None
+        order = None
+        if compiled.positional:
+            names = list(compiled.positiontup)
+            order = operator.itemgetter(*names) if len(names) > 1 else (lambda values, name=names[0]: (values[name],))
         return sql_dialect, str(compiled), defaults, converters, order
 
 
