@@ -26,6 +26,8 @@ LISTEN_FALLBACK_SECONDS = 1.0
 NOTIFY_PAYLOAD_BYTES = 7000
 # The write-ahead log file is cut back to this size each time a checkpoint resets it.
 WAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
+# How long a SQLite statement waits for another connection's write lock before it fails.
+BUSY_TIMEOUT_MS = 15000
 # reclaim_space gives back at most this many free pages per call, so it never blocks writers for long.
 RECLAIM_PAGES_PER_CALL = 4096
 # Arbitrary but fixed: every process of every host that migrates takes the same lock.
@@ -84,8 +86,12 @@ def tune_engine(engine):
         # However busy, the log file shrinks back to this size whenever a checkpoint resets it.
         cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        # The commit that fills the log past 1000 pages would copy it into the database file and
+        # sync both, stalling the chunk writer (and every token behind it) for up to 100 ms; the
+        # reply supervisor checkpoints in the background instead (checkpoint_in_background).
+        cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=15000")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cursor.close()
 
 
@@ -328,6 +334,16 @@ def checkpoint(engine):
     if is_sqlite(engine):
         with engine.connect() as conn:
             conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def checkpoint_in_background(engine):
+    """Copies what the write-ahead log holds into the database file without waiting for anyone (SQLite only).
+
+    A passive checkpoint never blocks readers or writers; what it cannot copy yet, the next one does.
+    """
+    if is_sqlite(engine):
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 def reclaim_space(engine, wait_seconds=0.2):
