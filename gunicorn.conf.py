@@ -8,7 +8,6 @@ import os
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 worker_class = "front.Worker"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-asgi_loop = "asyncio"
 # Held polls return within the poll timeout (25 s by default); leave headroom.
 timeout = 90
 graceful_timeout = 30

@@ -92,7 +92,7 @@ def memory_longpoll(upstream_url, server="gunicorn", threads=128, log_dir=None):
 
 
 def product(upstream_url, workers, threads, extra_env=None, log_dir=None, root=ROOT):
-    """Runs the app (from root, this checkout by default) under gunicorn gthread with a fresh SQLite database."""
+    """Runs the app (from root, this checkout by default) under gunicorn (gunicorn.conf.py) with a fresh SQLite database."""
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="bench-product-")
     env = {

@@ -134,8 +134,8 @@ def results_markdown(run, systems):
         f"{' / '.join(str(value) for value in machine['load_after'])} (1 / 5 / 15 min).",
         "",
         f"Load: each stream is one reply of {settings['tokens']} tokens at {settings['rate']:g} tokens/s; the N "
-        f"streams start spread evenly over {settings['spread']:g} s. The product runs gunicorn gthread with "
-        f"{settings['threads']} threads per worker" +
+        f"streams start spread evenly over {settings['spread']:g} s. The product runs gunicorn's asgi worker "
+        f"(`front.py`: polls on the event loop, Flask on {settings['threads']} threads per worker)" +
         (f" and {settings['product_env']}" if settings["product_env"] else "") + ".",
         "",
         "| system | N | p50 ms | p90 ms | p99 ms | max ms | first token p50 ms | requests / reply | "

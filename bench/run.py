@@ -44,7 +44,7 @@ def parse_args(argv):
     parser.add_argument("--rate", type=float, default=50.0, help="Tokens per second of each stream.")
     parser.add_argument("--tokens", type=int, default=None, help="Tokens per reply (default 200).")
     parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help="Comma-separated, from: " + ", ".join(SYSTEMS))
-    parser.add_argument("--threads", type=int, default=128, help="gunicorn threads per worker for the product.")
+    parser.add_argument("--threads", type=int, default=128, help="Flask threads per worker for the product; threads of the in-memory long-poll.")
     parser.add_argument("--client-processes", type=int, default=0,
                         help=f"Client processes per round (default: one per {STREAMS_PER_CLIENT_PROCESS} streams).")
     parser.add_argument("--spread", type=float, default=None, help="Seconds over which stream starts are spread.")
