@@ -386,6 +386,7 @@ class ChunkWriter:
         self._thread.join(5)
 
     def _run(self):
+        busy_since = None
         while True:
             with self._cond:
                 while not self._text and not self._finals:
@@ -406,20 +407,29 @@ class ChunkWriter:
             self._last_write = time.monotonic()
             try:
                 self._write(text, finals)
-            except Exception:
-                log.exception("writing a batch of chunks failed; retrying")
+                busy_since = None
+            except Exception as error:
                 with self._cond:
                     for message_id, pieces in text.items():
                         self._text.setdefault(message_id, [])[:0] = pieces
                     for message_id, item in finals.items():
                         self._finals.setdefault(message_id, item)
+                if dialect.is_busy(error):
+                    # Another connection holds the write lock: look again in a moment, without gathering.
+                    busy_since = busy_since or time.monotonic()
+                    if time.monotonic() - busy_since < dialect.BUSY_TIMEOUT_MS / 1000:
+                        time.sleep(0.001)
+                        self._last_write = 0.0
+                        continue
+                busy_since = None
+                log.exception("writing a batch of chunks failed; retrying")
                 time.sleep(0.2)
 
     def _write(self, text, finals):
         changed = []
         written = {}
         lease = now() + self._lease_seconds
-        with self._engine.begin() as conn:
+        with self._engine.connect() as conn, dialect.busy_fails_at_once(conn), conn.begin():
             batch = {}
             for message_id, pieces in text.items():
                 committed = self._committed.get(message_id)
