@@ -446,11 +446,6 @@ def local_poll_row(runtime, message_id, who):
     state = runtime.writer.local_state(message_id, who)
     if state is None:
         return None
-    return local_poll_row_from(message_id, who, state)
-
-
-def local_poll_row_from(message_id, who, state):
-    """Returns the PollRow of a running reply from the writer's (length, status)."""
     return PollRow(message_id, who, state[0], state[1], "", None, None, 0, None)
 
 

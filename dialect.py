@@ -57,8 +57,10 @@ def normalize_url(url):
 def engine_options(url, pool_size, pool_overflow):
     """Returns create_engine options that suit the database at url."""
     if url.startswith("sqlite"):
-        # Held polls read concurrently from many threads; SQLite connections are cheap.
-        return {"pool_size": pool_size, "max_overflow": pool_overflow, "pool_timeout": 10,
+        # Held polls read concurrently from many threads; SQLite connections are cheap to keep but
+        # not to open (seven pragmas each): under a burst of replies a pool of 10 opened and closed
+        # overflow connections all the time, so SQLite keeps every connection it opens.
+        return {"pool_size": pool_size + pool_overflow, "max_overflow": 0, "pool_timeout": 10,
                 "connect_args": {"timeout": 15, "check_same_thread": False}}
     options = {"pool_size": pool_size, "max_overflow": pool_overflow, "pool_pre_ping": True,
                "pool_timeout": 10}

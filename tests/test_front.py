@@ -1,0 +1,87 @@
+"""The ASGI front answers what Flask would: the same poll JSON, the same reading of a poll's query, the same environ."""
+import asyncio
+import io
+
+import pytest
+from flask import jsonify, request as flask_request
+
+import api
+import buffer
+from front import Front, PollRequest, call_wsgi, wsgi_environ
+
+
+def sent_by(coroutine_function, *args):
+    messages = []
+
+    async def send(message):
+        messages.append(message)
+
+    asyncio.run(coroutine_function(send, *args))
+    return messages
+
+
+@pytest.mark.parametrize("text", ["", "plain ", 'quotes " and \\ backslash', "é ü 中文 😀\n\t", "\x00\x1f</script>"])
+@pytest.mark.parametrize("status", ["pending", "streaming"])
+def test_a_fast_poll_answer_is_byte_for_byte_what_flask_sends(app, text, status):
+    front = Front(app)
+    start, body = sent_by(front.send_poll, "AbC123", status, 7, text)
+    row = api.PollRow("AbC123", "owner", 7 + len(text), status, "", None, None, 0, None)
+    with app.test_request_context():
+        expected = jsonify(api.poll_answer(row, 7, text))
+    assert body["body"] == expected.get_data()
+    headers = dict(start["headers"])
+    assert headers[b"content-type"] == b"application/json"
+    assert headers[b"cache-control"] == b"no-store"
+    assert headers[b"x-content-type-options"] == b"nosniff"
+    assert int(headers[b"content-length"]) == len(body["body"])
+
+
+@pytest.mark.parametrize("query", [
+    b"", b"cursor=0", b"cursor=12&timeout=3", b"cursor=&timeout=0.5", b"timeout=1&cursor=2", b"cursor=5&timeout=999",
+    b"cursor=5&timeout=-3", b"cursor=4&cursor=9", b"cursor=%31%32", b"cursor=7&timeout=", b"cursor=7&other=x",
+])
+def test_a_plain_poll_query_reads_as_flask_reads_it(app, query):
+    request = PollRequest.parse(query, app.config)
+    with app.test_request_context("/api/messages/x/poll?" + query.decode("ascii")):
+        expected = (buffer.parse_cursor(flask_request.args.get("cursor")), api.poll_timeout())
+    assert (request.cursor, request.timeout) == expected
+
+
+@pytest.mark.parametrize("query", [b"cursor=abc", b"cursor=-1", b"cursor=1&timeout=nan", b"cursor=1&timeout=soon",
+                                   b"cursor=1234567890123", "cursor=\u00e9".encode("utf-8")])
+def test_a_poll_query_flask_refuses_goes_to_flask_for_its_error(app, query):
+    assert PollRequest.parse(query, app.config) is None
+
+
+def test_the_environ_carries_path_query_headers_and_body_as_pep_3333_strings():
+    scope = {
+        "type": "http", "method": "POST", "http_version": "1.1", "scheme": "http",
+        "path": "/api/caf\u00e9 x", "raw_path": b"/api/caf%C3%A9%20x", "query_string": b"a=1&b=%C3%A9",
+        "root_path": "", "server": ("127.0.0.1", 8000), "client": ("127.0.0.2", 5555),
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"2"), (b"cookie", b"a=1"),
+                    (b"cookie", b"b=2"), (b"x-forwarded-for", b"1.2.3.4"), (b"x_forwarded_for", b"spoofed")],
+    }
+    environ = wsgi_environ(scope, b"{}", None)
+    assert environ["PATH_INFO"] == "/api/caf\u00c3\u00a9 x"  # UTF-8 bytes as latin-1, as every WSGI server gives them
+    assert environ["QUERY_STRING"] == "a=1&b=%C3%A9"
+    assert environ["CONTENT_TYPE"] == "application/json" and environ["CONTENT_LENGTH"] == "2"
+    assert environ["HTTP_COOKIE"] == "a=1; b=2"
+    assert environ["HTTP_X_FORWARDED_FOR"] == "1.2.3.4"  # the underscore spelling is dropped, not merged
+    assert environ["REMOTE_ADDR"] == "127.0.0.2" and environ["SERVER_PORT"] == "8000"
+    assert environ["wsgi.input"].read() == b"{}"
+
+
+def test_a_wsgi_answer_comes_back_whole_and_its_iterable_is_closed():
+    closed = []
+
+    class Body(list):
+        def close(self):
+            closed.append(True)
+
+    def app(environ, start_response):
+        start_response("201 CREATED", [("Content-Type", "text/plain"), ("X-Test", "yes")])
+        return Body([b"one ", b"", b"two"])
+
+    status, headers, body = call_wsgi(app, {"wsgi.input": io.BytesIO()})
+    assert (status, body, closed) == (201, b"one two", [True])
+    assert (b"x-test", b"yes") in headers
