@@ -88,10 +88,6 @@ def tune_engine(engine):
         # However busy, the log file shrinks back to this size whenever a checkpoint resets it.
         cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        # The commit that fills the log past 1000 pages would copy it into the database file and
-        # sync both, stalling the chunk writer (and every token behind it) for up to 100 ms; the
-        # reply supervisor checkpoints in the background instead (checkpoint_in_background).
-        cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cursor.close()
@@ -364,16 +360,6 @@ def is_busy(error):
     original = getattr(error, "orig", error)
     return isinstance(original, sqlite3.OperationalError) and (
         getattr(original, "sqlite_errorcode", 0) & 0xFF in (5, 6) or "locked" in str(original))
-
-
-def checkpoint_in_background(engine):
-    """Copies what the write-ahead log holds into the database file without waiting for anyone (SQLite only).
-
-    A passive checkpoint never blocks readers or writers; what it cannot copy yet, the next one does.
-    """
-    if is_sqlite(engine):
-        with engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
 
 def reclaim_space(engine, wait_seconds=0.2):

@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 
 import buffer
 import context
-from dialect import change_detector, checkpoint_in_background, reclaim_space
+from dialect import change_detector, reclaim_space
 from models import Conversation, Image, Message, RUNNING, db, now
 from upstream import Stopped, Upstream, UpstreamError
 
@@ -27,8 +27,6 @@ images = Image.__table__
 WORKER_LOST = ("worker_lost", "The server process running this reply stopped before it finished.")
 # How often an idle process gives deleted space back and empties the write-ahead log.
 RECLAIM_EVERY_SECONDS = 30.0
-# How often a process that streams copies the write-ahead log into the database (SQLite).
-CHECKPOINT_EVERY_SECONDS = 1.0
 
 
 class Runtime:
@@ -161,7 +159,6 @@ class Runtime:
         sweep_every = max(lease / 4.0, 0.2)
         next_renew = next_sweep = 0.0
         next_reclaim = time.monotonic() + RECLAIM_EVERY_SECONDS
-        next_checkpoint = 0.0
         while not self._closed.wait(0.25):
             try:
                 running = self.running_ids()
@@ -174,9 +171,6 @@ class Runtime:
                 if clock >= next_sweep:
                     fail_lost_replies(self.engine, self.notifier)
                     next_sweep = clock + sweep_every
-                if running and clock >= next_checkpoint:
-                    checkpoint_in_background(self.engine)
-                    next_checkpoint = clock + CHECKPOINT_EVERY_SECONDS
                 if not running and clock >= next_reclaim:
                     # Only while this process streams nothing: the pass may hold writers up briefly.
                     reclaim_space(self.engine)

@@ -1,6 +1,7 @@
 """The ASGI front answers what Flask would: the same poll JSON, the same reading of a poll's query, the same environ."""
 import asyncio
 import io
+import threading
 
 import pytest
 from flask import jsonify, request as flask_request
@@ -11,12 +12,18 @@ from front import Front, PollRequest, call_wsgi, wsgi_environ
 
 
 def sent_by(coroutine_function, *args):
+    """Runs coroutine_function(send, *args) on a loop of its own thread; returns what it sent.
+
+    A thread of its own, because the browser tests' Playwright keeps a loop running in this one.
+    """
     messages = []
 
     async def send(message):
         messages.append(message)
 
-    asyncio.run(coroutine_function(send, *args))
+    runner = threading.Thread(target=lambda: asyncio.run(coroutine_function(send, *args)))
+    runner.start()
+    runner.join(10)
     return messages
 
 
