@@ -3,12 +3,17 @@ import asyncio
 import io
 import threading
 
+import time
+
 import pytest
+import requests
 from flask import jsonify, request as flask_request
 
 import api
 import buffer
 from front import Front, PollRequest, call_wsgi, wsgi_environ
+from tests.helpers import ApiSession, ask, poll, poll_until_text, simulator_env
+from tests.servers import gunicorn_server
 
 
 def sent_by(coroutine_function, *args):
@@ -92,3 +97,38 @@ def test_a_wsgi_answer_comes_back_whole_and_its_iterable_is_closed():
     status, headers, body = call_wsgi(app, {"wsgi.input": io.BytesIO()})
     assert (status, body, closed) == (201, b"one two", [True])
     assert (b"x-test", b"yes") in headers
+
+
+def test_held_polls_of_a_workers_own_replies_take_no_flask_thread(simulator):
+    """Eight polls held at once on a worker with two Flask threads, and the worker still answers at once."""
+    replies = 8
+    with gunicorn_server(env=simulator_env(simulator), workers=1, threads=2) as base_url:
+        followers = []
+        for _ in range(replies):
+            client = ApiSession(base_url)
+            reply_id = ask(client, "go [[sim tokens=20 rate=50 stall_after=1 stall=8]]")
+            _text, answer = poll_until_text(client, reply_id)
+            followers.append((client, reply_id, answer["cursor"]))
+        answers, took = [None] * replies, [None] * replies
+
+        def hold(index):
+            client, reply_id, cursor = followers[index]
+            started = time.monotonic()
+            answers[index] = poll(client, reply_id, cursor, timeout=3.0)
+            took[index] = time.monotonic() - started
+
+        holders = [threading.Thread(target=hold, args=(index,)) for index in range(replies)]
+        started = time.monotonic()
+        for holder in holders:
+            holder.start()
+        time.sleep(0.5)
+        health_started = time.monotonic()
+        assert requests.get(base_url + "/healthz", timeout=10).status_code == 200
+        health_took = time.monotonic() - health_started
+        for holder in holders:
+            holder.join(15)
+        wall = time.monotonic() - started
+    assert health_took < 1.0, f"/healthz waited {health_took:.2f} s behind held polls"
+    assert all(answer is not None and answer["text"] == "" and not answer["done"] for answer in answers), answers
+    assert all(seconds >= 2.5 for seconds in took), took  # each was held to its timeout, not refused
+    assert wall < 5.0, f"the polls queued instead of being held together ({wall:.2f} s)"
