@@ -414,11 +414,15 @@ def regenerate(message_id):
 # The poll ----------------------------------------------------------------------
 
 def poll_timeout():
+    return poll_timeout_from(request.args.get("timeout"), current_app.config)
+
+
+def poll_timeout_from(raw, settings):
+    """Returns the seconds a poll may wait, from its raw `timeout` argument; 400 when it is no number."""
     # An operator behind a proxy with a shorter read timeout lowers the ceiling below 60 s.
-    limit = min(current_app.config["POLL_TIMEOUT_MAX"], POLL_TIMEOUT_MAX)
-    raw = request.args.get("timeout")
+    limit = min(settings["POLL_TIMEOUT_MAX"], POLL_TIMEOUT_MAX)
     if raw is None or raw == "":
-        return min(current_app.config["POLL_TIMEOUT"], limit)
+        return min(settings["POLL_TIMEOUT"], limit)
     try:
         value = float(raw)
     except ValueError:

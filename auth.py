@@ -86,11 +86,24 @@ def owner_for_token(token, tokens):
 
 
 def bearer_token():
-    header = request.headers.get("Authorization", "")
+    return bearer_from(request.headers.get("Authorization", ""))
+
+
+def bearer_from(header):
+    """Returns the token of an Authorization header value of the Bearer scheme, else None."""
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer":
         return None
     return value.strip() or None
+
+
+def session_owner(owner, settings):
+    """Returns the owner a session names when it may act: any owner in an open app, a token's owner otherwise."""
+    if not isinstance(owner, str) or not owner:
+        return None
+    if settings["ACCESS_TOKEN_LIST"] and owner not in settings["ACCESS_TOKEN_OWNERS"]:
+        return None
+    return owner
 
 
 def current_owner(create=True):
@@ -99,15 +112,9 @@ def current_owner(create=True):
         token = bearer_token()
         if token is not None:
             return check_token(token)
-        owner = session.get(SESSION_KEY)
-        if isinstance(owner, str) and owner in current_app.config["ACCESS_TOKEN_OWNERS"]:
-            return owner
-        return None
-    owner = session.get(SESSION_KEY)
-    if isinstance(owner, str) and owner:
+    owner = session_owner(session.get(SESSION_KEY), current_app.config)
+    if owner is not None or auth_required() or not create:
         return owner
-    if not create:
-        return None
     owner = "s_" + secrets.token_urlsafe(24)
     session[SESSION_KEY] = owner
     session.permanent = True

@@ -27,7 +27,7 @@ from gunicorn.workers.gasgi import ASGIWorker
 import api
 import auth
 import buffer
-from models import RUNNING
+from errors import ApiError
 from runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -191,9 +191,9 @@ class Front:
                 authorization = value
         tokens = self.settings["ACCESS_TOKEN_LIST"]
         if tokens and authorization is not None:
-            scheme, _, token = authorization.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return auth.owner_for_token(token.strip(), tokens)
+            token = auth.bearer_from(authorization.decode("latin-1"))
+            if token is not None:
+                return auth.owner_for_token(token, tokens)
         if cookie_header is None:
             return None
         known = self._cookie_owners.get(cookie_header)
@@ -207,10 +207,8 @@ class Front:
         if cached is None:
             return None
         until, contents = cached
-        who = contents.get(auth.SESSION_KEY)
-        if not isinstance(who, str) or not who:
-            return None
-        if tokens and who not in self.settings["ACCESS_TOKEN_OWNERS"]:
+        who = auth.session_owner(contents.get(auth.SESSION_KEY), self.settings)
+        if who is None:
             return None
         if len(self._cookie_owners) >= auth.CachedSessionInterface.max_entries:
             self._cookie_owners.clear()
@@ -267,19 +265,9 @@ class PollRequest:
                 return None
             cursor, timeout = first(args, "cursor"), first(args, "timeout")
         try:
-            cursor = buffer.parse_cursor(cursor)
-        except buffer.BadCursor:
+            return cls(buffer.parse_cursor(cursor), api.poll_timeout_from(timeout, settings))
+        except (buffer.BadCursor, ApiError):
             return None
-        limit = min(settings["POLL_TIMEOUT_MAX"], api.POLL_TIMEOUT_MAX)
-        if timeout is None or timeout == "":
-            return cls(cursor, min(settings["POLL_TIMEOUT"], limit))
-        try:
-            value = float(timeout)
-        except ValueError:
-            return None
-        if value != value:  # NaN
-            return None
-        return cls(cursor, min(max(value, 0.0), limit))
 
 
 # The query every client sends; anything else goes through parse_qs.
