@@ -1,5 +1,6 @@
 """The chunk buffer: append text in batches, read after a cursor, wait for and announce new text."""
 import bisect
+import collections
 import logging
 import operator
 import threading
@@ -67,18 +68,21 @@ def full_text(conn, message_id):
     return "".join(pieces)
 
 
+def final_values(conn, status, error=None, finish_reason=None, usage=None, has_image=False):
+    """Returns every column that making a message final sets."""
+    usage = usage or {}
+    return {"status": status, "finished_at": now(), "worker_id": None, "lease_expires_at": None,
+            "error_code": error[0] if error is not None else None,
+            "error_message": dialect.storable_text(conn, error[1]) if error is not None else None,
+            "finish_reason": str(finish_reason)[:40] if finish_reason else None,
+            "prompt_tokens": _int_or_none(usage.get("prompt_tokens")),
+            "completion_tokens": _int_or_none(usage.get("completion_tokens")),
+            "has_image": 1 if has_image else 0}
+
+
 def finalize(conn, message_id, status, error=None, finish_reason=None, usage=None, has_image=False):
     """Makes a running message final: compacts its chunks into content. Returns False if already final."""
-    values = {"status": status, "finished_at": now(), "worker_id": None, "lease_expires_at": None}
-    if error is not None:
-        values["error_code"], values["error_message"] = error[0], dialect.storable_text(conn, error[1])
-    if finish_reason:
-        values["finish_reason"] = str(finish_reason)[:40]
-    if usage:
-        values["prompt_tokens"] = _int_or_none(usage.get("prompt_tokens"))
-        values["completion_tokens"] = _int_or_none(usage.get("completion_tokens"))
-    if has_image:
-        values["has_image"] = 1
+    values = final_values(conn, status, error, finish_reason, usage, has_image)
     # The status changes first: that write locks the row, so no writer can add a chunk
     # between reading the chunks and compacting them.
     result = conn.execute(
@@ -210,6 +214,11 @@ class CrossProcessWatcher:
         self._notifier.notify_changed(states)
 
 
+# A reply this writer made final, as a poll answer needs it (the fields of api.PollRow).
+FinalReply = collections.namedtuple(
+    "FinalReply", ("id", "owner", "length", "status", "content", "error_code", "error_message", "has_image"))
+
+
 class CommittedText:
     """The committed text of a reply this process writes, kept so polls here need not read chunks."""
 
@@ -242,6 +251,15 @@ _EXTEND_REPLY = (
     .values(length=bindparam("end"), status="streaming", lease_expires_at=bindparam("lease")))
 _INSERT_CHUNK = chunks.insert().values(
     message_id=bindparam("message_id"), end_offset=bindparam("end_offset"), text=bindparam("text"))
+# A reply the writer made final, with the text it knows in full: no chunk is read back.
+_FINALIZE_KNOWN = (
+    update(messages)
+    .where(messages.c.id == bindparam("message_id"),
+           or_(*(messages.c.status == status for status in RUNNING)))
+    .values({name: bindparam(name) for name in
+             ("status", "finished_at", "worker_id", "lease_expires_at", "error_code", "error_message",
+              "finish_reason", "prompt_tokens", "completion_tokens", "has_image", "content", "length")}))
+_DELETE_CHUNKS = delete(chunks).where(chunks.c.message_id == bindparam("message_id"))
 
 
 class ManyStatement:
@@ -299,6 +317,7 @@ class ChunkWriter:
     """
 
     BUSY_REPLIES = 16  # replies streaming at once at which a busy writer gathers the full flush_interval
+    FINAL_KEPT_SECONDS = 10.0  # how long the polls waiting on a reply may answer its end from memory
 
     def __init__(self, engine, notifier, flush_interval, lease_seconds):
         self._engine = engine
@@ -312,8 +331,11 @@ class ChunkWriter:
         self._committed = {}   # message id -> CommittedText
         self._last_write = 0.0
         self._closed = False
+        self._finished = {}    # message id -> (FinalReply, monotonic time it is forgotten)
         self._extend_reply = ManyStatement(_EXTEND_REPLY)
         self._insert_chunk = ManyStatement(_INSERT_CHUNK)
+        self._finalize_known = ManyStatement(_FINALIZE_KNOWN)
+        self._delete_chunks = ManyStatement(_DELETE_CHUNKS)
         self._thread = threading.Thread(target=self._run, name="chunk-writer", daemon=True)
         self._thread.start()
 
@@ -341,6 +363,18 @@ class ChunkWriter:
             if committed is None or committed.owner is None or committed.owner != owner:
                 return None
             return len(committed.text), committed.status
+
+    def final_reply(self, message_id, owner):
+        """Returns the FinalReply of a reply this writer made final moments ago for owner, else None.
+
+        Only a poll that saw the reply running may answer from it (its answer then stands for the
+        moment of that commit); a later poll reads the database, which may have changed since.
+        """
+        with self._cond:
+            kept = self._finished.get(message_id)
+            if kept is None or kept[0].owner is None or kept[0].owner != owner:
+                return None
+            return kept[0]
 
     def is_at(self, message_id, length, status):
         """Tells whether this writer writes the reply and has committed exactly (length, status) of it."""
@@ -461,11 +495,9 @@ class ChunkWriter:
                     changed.append(message_id)
                 if rows:
                     self._insert_chunk.execute(conn, rows)
-            dialect.announce_changes(conn, list(written))
-            outcomes = {}
-            for message_id, (final, _done, _outcome) in finals.items():
-                outcomes[message_id] = finalize(conn, message_id, **final)
-                changed.append(message_id)
+            outcomes, finished = self._finalize(conn, finals, batch, written)
+            changed.extend(finals)
+            dialect.announce_changes(conn, changed)
         moment = time.monotonic()
         with self._cond:
             for message_id in written:
@@ -473,14 +505,43 @@ class ChunkWriter:
                 if committed is not None:
                     committed.add(batch[message_id][1], moment)
             for message_id in finals:
-                # Polls read a final reply from the database.
+                # Polls that arrive from now on read a final reply from the database.
                 self._committed.pop(message_id, None)
+            # Kept in the order they finished, so the expired ones are at the front.
+            while self._finished:
+                oldest = next(iter(self._finished))
+                if self._finished[oldest][1] >= moment:
+                    break
+                del self._finished[oldest]
+            for message_id, reply in finished.items():
+                self._finished[message_id] = (reply, moment + self.FINAL_KEPT_SECONDS)
         for message_id, (_final, done, outcome) in finals.items():
             outcome["finalized"] = outcomes[message_id]
             with self._cond:
                 self._cancelled.discard(message_id)
             done.set()
         self._notifier.notify(changed)
+
+    def _finalize(self, conn, finals, batch, written):
+        """Makes finals final in conn's transaction; returns ({id: whether it did}, {id: FinalReply})."""
+        outcomes = {}
+        finished = {}
+        for message_id, (final, _done, _outcome) in finals.items():
+            committed = self._committed.get(message_id)
+            if committed is None:
+                outcomes[message_id] = finalize(conn, message_id, **final)
+                continue
+            # Only this thread writes the reply's chunks, so its memory holds all of its text.
+            text = committed.text + (batch[message_id][1] if message_id in written else "")
+            values = final_values(conn, **final)
+            values.update(message_id=message_id, content=text, length=len(text))
+            outcomes[message_id] = self._finalize_known.execute(conn, [values]).rowcount == 1
+            if outcomes[message_id]:
+                finished[message_id] = FinalReply(message_id, committed.owner, len(text), values["status"], text,
+                                                  values["error_code"], values["error_message"], values["has_image"])
+        if finished:
+            self._delete_chunks.execute(conn, [{"message_id": message_id} for message_id in finished])
+        return outcomes, finished
 
     def close(self, message_id):
         """Stops tracking a reply; text still queued for it is dropped."""

@@ -1,6 +1,7 @@
 """The ASGI front answers what Flask would: the same poll JSON, the same reading of a poll's query, the same environ."""
 import asyncio
 import io
+import json
 import threading
 
 import time
@@ -12,7 +13,7 @@ from flask import jsonify, request as flask_request
 import api
 import buffer
 from front import Front, PollRequest, call_wsgi, wsgi_environ
-from tests.helpers import ApiSession, ask, poll, poll_until_text, simulator_env
+from tests.helpers import ApiSession, ask, lorem, poll, poll_until_text, simulator_env
 from tests.servers import gunicorn_server
 
 
@@ -46,6 +47,71 @@ def test_a_fast_poll_answer_is_byte_for_byte_what_flask_sends(app, text, status)
     assert headers[b"cache-control"] == b"no-store"
     assert headers[b"x-content-type-options"] == b"nosniff"
     assert int(headers[b"content-length"]) == len(body["body"])
+
+
+@pytest.mark.parametrize("final", [
+    buffer.FinalReply("AbC123", "owner", 11, "done", "hello é 😀\x00", None, None, 0),
+    buffer.FinalReply("AbC123", "owner", 4, "failed", "part", "upstream_error", "The upstream \"broke\".", 0),
+    buffer.FinalReply("AbC123", "owner", 0, "done", "", None, None, 1),
+])
+@pytest.mark.parametrize("cursor", [0, 4])
+def test_an_answer_from_a_replys_end_in_memory_is_byte_for_byte_what_flask_sends(app, final, cursor):
+    cursor = min(cursor, final.length)
+    start, body = sent_by(Front(app).send_final, final, cursor)
+    row = api.PollRow(final.id, final.owner, final.length, final.status, final.content, final.error_code,
+                      final.error_message, final.has_image, None)
+    with app.test_request_context():
+        expected = jsonify(api.poll_answer(row, cursor, final.content[cursor:]))
+    assert body["body"] == expected.get_data()
+    assert int(dict(start["headers"])[b"content-length"]) == len(body["body"])
+
+
+def test_a_poll_waiting_when_its_reply_ends_is_answered_from_memory_as_the_database_would(app_config, request):
+    app_config["ACCESS_TOKENS"] = "front-token"
+    app = request.getfixturevalue("app")
+    client = app.test_client()
+    headers = {"Authorization": "Bearer front-token"}
+    conversation = client.post("/api/conversations", json={}, headers=headers).get_json()["id"]
+    reply_id = client.post(f"/api/conversations/{conversation}/messages", headers=headers,
+                           json={"content": "hi [[sim tokens=40 rate=80]]"}).get_json()["reply"]["id"]
+    front = Front(app)
+    through_flask = []
+    real_poll_through_flask = front.poll_through_flask
+
+    async def counted_poll_through_flask(*args):
+        through_flask.append(args[3])
+        return await real_poll_through_flask(*args)
+
+    front.poll_through_flask = counted_poll_through_flask
+    scope = {"type": "http", "method": "GET", "http_version": "1.1", "scheme": "http", "root_path": "",
+             "path": f"/api/messages/{reply_id}/poll", "raw_path": f"/api/messages/{reply_id}/poll".encode(),
+             "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5000),
+             "headers": [(b"authorization", b"Bearer front-token")]}
+
+    async def follow(send):
+        cursor = "0"
+        while True:
+            answers = []
+
+            async def collect(message):
+                answers.append(message)
+                await send(message)
+
+            await front.fast_poll(reply_id, {**scope, "query_string": f"cursor={cursor}&timeout=5".encode()}, collect)
+            answer = json.loads(answers[-1]["body"])
+            cursor = answer["cursor"]
+            if answer["done"]:
+                return
+
+    sent = sent_by(follow)
+    bodies = [message["body"] for message in sent if message["type"] == "http.response.body"]
+    last = json.loads(bodies[-1])
+    text = "".join(json.loads(body)["text"] for body in bodies)
+    assert last["status"] == "done" and last["done"] and text == lorem(40)
+    assert through_flask == [], "the end of the reply was read through Flask"
+    after = client.get(f"/api/messages/{reply_id}/poll?cursor={int(last['cursor']) - 5}&timeout=0", headers=headers)
+    assert after.get_json()["text"] == text[-5:] and after.get_json()["done"]
+    assert front.flask_app.extensions["relay_runtime"][1].writer.final_reply(reply_id, "someone else") is None
 
 
 @pytest.mark.parametrize("query", [
