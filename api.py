@@ -4,6 +4,7 @@ import json
 import math
 import threading
 import time
+from types import SimpleNamespace
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import bindparam, case, delete, func, select, update
@@ -98,19 +99,6 @@ def owned_conversation(conversation_id, who):
     if conversation is None or conversation.owner != who:
         raise ApiError(404, "not_found", "No such conversation.")
     return conversation
-
-
-def owned_conversation_row(conversation_id, who):
-    """Returns (id, model, title) of the caller's conversation, read without the ORM; 404 otherwise."""
-    row = None
-    if may_be_id(conversation_id):
-        with db.engine.connect() as conn:
-            row = conn.execute(select(conversations.c.id, conversations.c.owner, conversations.c.model,
-                                      conversations.c.title)
-                               .where(conversations.c.id == conversation_id)).first()
-    if row is None or row.owner != who:
-        raise ApiError(404, "not_found", "No such conversation.")
-    return row
 
 
 def owned_message_row(conn, message_id, who):
@@ -257,55 +245,101 @@ def delete_conversation(conversation_id):
 
 # Messages --------------------------------------------------------------------
 
+# Built once: every posted message runs them, and building a statement costs more than running it.
+_OWNED_CONVERSATION = select(conversations.c.id, conversations.c.owner, conversations.c.model,
+                             conversations.c.title).where(conversations.c.id == bindparam("conversation_id"))
+_TOUCH_CONVERSATION = (update(conversations).where(conversations.c.id == bindparam("conversation_id"))
+                       .values(updated_at=bindparam("moment")))
+_TOUCH_AND_TITLE_CONVERSATION = _TOUCH_CONVERSATION.values(title=bindparam("new_title"))
+_CONVERSATION_TAIL = (
+    select(func.coalesce(func.max(messages.c.position), 0),
+           func.coalesce(func.sum(case((messages.c.status.in_(RUNNING), 1), else_=0)), 0))
+    .where(messages.c.conversation_id == bindparam("conversation_id")))
+_RUNNING_OF_OWNER = (select(func.count()).select_from(messages)
+                     .where(messages.c.owner == bindparam("who"), messages.c.status.in_(RUNNING)))
+_RECENT_POSTS_OF_OWNER = (
+    select(messages.c.created_at)
+    .where(messages.c.owner == bindparam("who"), messages.c.role == "user", messages.c.created_at > bindparam("since"))
+    .order_by(messages.c.created_at).limit(bindparam("limit")))
+MESSAGE_DEFAULTS = {"mode": "chat", "content": "", "length": 0, "error_code": None, "error_message": None,
+                    "has_image": 0, "model": "", "finish_reason": None, "prompt_tokens": None,
+                    "completion_tokens": None, "finished_at": None, "worker_id": None, "lease_expires_at": None}
+_INSERT_MESSAGES = buffer.ManyStatement(
+    messages.insert().values({column.name: bindparam(column.name) for column in messages.columns}))
+
+
+def owned_conversation_row(conversation_id, who):
+    """Returns (id, owner, model, title) of the caller's conversation, read without the ORM; 404 otherwise."""
+    row = None
+    if may_be_id(conversation_id):
+        with db.engine.connect() as conn:
+            row = conn.execute(_OWNED_CONVERSATION, {"conversation_id": conversation_id}).first()
+    if row is None or row.owner != who:
+        raise ApiError(404, "not_found", "No such conversation.")
+    return row
+
+
 def check_rate_limits(conn, who):
     dialect.lock_owner(conn, who)
     settings = current_app.config
-    running = conn.execute(select(func.count()).select_from(messages).where(
-        messages.c.owner == who, messages.c.status.in_(RUNNING))).scalar_one()
+    running = conn.execute(_RUNNING_OF_OWNER, {"who": who}).scalar_one()
     if running >= settings["MAX_RUNNING_PER_OWNER"]:
         raise ApiError(429, "rate_limited",
                        f"At most {settings['MAX_RUNNING_PER_OWNER']} replies may run at once.", retry_after=2)
     limit = settings["MESSAGES_PER_MINUTE"]
     window_start = now() - 60
-    recent = conn.execute(select(messages.c.created_at).where(
-        messages.c.owner == who, messages.c.role == "user", messages.c.created_at > window_start)
-        .order_by(messages.c.created_at).limit(limit)).scalars().all()
+    recent = conn.execute(_RECENT_POSTS_OF_OWNER, {"who": who, "since": window_start, "limit": limit}).scalars().all()
     if len(recent) >= limit:
         wait = max(1, math.ceil(recent[0] - window_start))
         raise ApiError(429, "rate_limited", f"At most {limit} messages a minute.", retry_after=wait)
 
 
-def insert_reply(conn, conversation, position, mode, who, moment):
+def generating_runtime():
+    """Returns this process's runtime when it generates the replies it is asked for, else None."""
+    return get_runtime() if current_app.config["GENERATION_MODE"] == "thread" else None
+
+
+def insert_messages(conn, *rows):
+    """Inserts new message rows (dicts of their columns; the table's defaults fill the rest); returns them whole."""
+    whole = [{**MESSAGE_DEFAULTS, **row} for row in rows]
+    _INSERT_MESSAGES.execute(conn, whole)
+    return whole
+
+
+def reply_row(conversation, position, mode, who, moment):
+    """Returns the columns of a new pending reply, already claimed when this process generates it."""
     settings = current_app.config
-    reply = {"id": new_id(), "conversation_id": conversation.id, "owner": who, "position": position,
-             "role": "assistant", "mode": mode, "content": "", "length": 0, "status": "pending",
-             "model": settings["IMAGE_MODEL"] if mode == "image" else (conversation.model or settings["CHAT_MODEL"]),
-             "created_at": moment, "lease_expires_at": moment + settings["LEASE_SECONDS"]}
-    conn.execute(messages.insert().values(**reply))
-    return reply["id"]
+    runtime = generating_runtime()
+    return {"id": new_id(), "conversation_id": conversation.id, "owner": who, "position": position,
+            "role": "assistant", "mode": mode, "content": "", "length": 0, "status": "pending",
+            "model": settings["IMAGE_MODEL"] if mode == "image" else (conversation.model or settings["CHAT_MODEL"]),
+            "created_at": moment, "lease_expires_at": moment + settings["LEASE_SECONDS"],
+            "worker_id": runtime.worker_id if runtime is not None else None}
 
 
-def lock_conversation(conn, conversation_id, moment):
-    """Serializes writers to one conversation by updating its row first."""
-    conn.execute(update(conversations).where(conversations.c.id == conversation_id).values(updated_at=moment))
+def lock_conversation(conn, conversation_id, moment, new_title=None):
+    """Serializes writers to one conversation by updating its row first (and gives it new_title, if any)."""
+    if new_title is None:
+        conn.execute(_TOUCH_CONVERSATION, {"conversation_id": conversation_id, "moment": moment})
+    else:
+        conn.execute(_TOUCH_AND_TITLE_CONVERSATION,
+                     {"conversation_id": conversation_id, "moment": moment, "new_title": new_title})
 
 
 def has_running_reply(conn, conversation_id):
-    return conn.execute(select(messages.c.id).where(
-        messages.c.conversation_id == conversation_id, messages.c.status.in_(RUNNING)).limit(1)).first() is not None
+    return conversation_tail(conn, conversation_id)[1] > 0
 
 
 def conversation_tail(conn, conversation_id):
     """Returns (last position, replies running) of a conversation in one query."""
-    row = conn.execute(select(func.coalesce(func.max(messages.c.position), 0),
-                              func.coalesce(func.sum(case((messages.c.status.in_(RUNNING), 1), else_=0)), 0))
-                       .where(messages.c.conversation_id == conversation_id)).first()
+    row = conn.execute(_CONVERSATION_TAIL, {"conversation_id": conversation_id}).first()
     return row[0], row[1]
 
 
-def start_generation(reply_id, who):
-    if current_app.config["GENERATION_MODE"] == "thread":
-        get_runtime().start_reply(reply_id, who)
+def start_generation(reply):
+    """Starts generating a reply row that reply_row made, here when this process claimed it."""
+    if reply["worker_id"] is not None:
+        get_runtime().start_reply(reply["id"], reply["owner"], claimed=True)
 
 
 @bp.post("/conversations/<conversation_id>/messages")
@@ -322,27 +356,21 @@ def post_message(conversation_id):
     conversation = owned_conversation_row(conversation_id, who)
     moment = now()
     with db.engine.begin() as conn:
-        lock_conversation(conn, conversation_id, moment)
+        lock_conversation(conn, conversation_id, moment, None if conversation.title else title_from(content))
         last_position, running = conversation_tail(conn, conversation_id)
         if running:
             raise ApiError(409, "reply_running", "This conversation already has a reply running; stop it first.")
         check_rate_limits(conn, who)
-        position = last_position + 1
-        user_id = new_id()
-        conn.execute(messages.insert().values(
-            id=user_id, conversation_id=conversation_id, owner=who, position=position, role="user", mode=mode,
-            content=content, length=len(content), status="done", model=conversation.model,
-            created_at=moment, finished_at=moment))
-        reply_id = insert_reply(conn, conversation, position + 1, mode, who, moment)
-        if not conversation.title:
-            conn.execute(update(conversations).where(conversations.c.id == conversation_id)
-                         .values(title=title_from(content)))
-    # Read back before the reply starts, so the answer shows it pending as PROTOCOL says.
-    with db.engine.connect() as conn:
-        rows = {row.id: row for row in conn.execute(select(messages).where(messages.c.id.in_((user_id, reply_id))))}
-    user, reply = rows[user_id], rows[reply_id]
-    start_generation(reply_id, who)
-    return jsonify({"message": message_to_dict(user), "reply": message_to_dict(reply)}), 202
+        user, reply = insert_messages(
+            conn,
+            {"id": new_id(), "conversation_id": conversation_id, "owner": who, "position": last_position + 1,
+             "role": "user", "mode": mode, "content": content, "length": len(content), "status": "done",
+             "model": conversation.model, "created_at": moment, "finished_at": moment},
+            reply_row(conversation, last_position + 2, mode, who, moment))
+    # The answer is built before the reply starts, so it shows the reply pending as PROTOCOL says.
+    answer = {"message": message_to_dict(SimpleNamespace(**user)), "reply": message_to_dict(SimpleNamespace(**reply))}
+    start_generation(reply)
+    return jsonify(answer), 202
 
 
 def title_from(content):
@@ -404,11 +432,10 @@ def regenerate(message_id):
         conn.execute(delete(chunks).where(chunks.c.message_id == message_id))
         conn.execute(delete(images).where(images.c.message_id == message_id))
         conn.execute(delete(messages).where(messages.c.id == message_id))
-        reply_id = insert_reply(conn, conversation, row.position, row.mode, who, moment)
-    with db.engine.connect() as conn:
-        reply = conn.execute(select(messages).where(messages.c.id == reply_id)).first()
-    start_generation(reply_id, who)
-    return jsonify({"reply": message_to_dict(reply)}), 202
+        reply, = insert_messages(conn, reply_row(conversation, row.position, row.mode, who, moment))
+    answer = {"reply": message_to_dict(SimpleNamespace(**reply))}
+    start_generation(reply)
+    return jsonify(answer), 202
 
 
 # The poll ----------------------------------------------------------------------

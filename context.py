@@ -9,7 +9,7 @@ only left out of what is sent.
 """
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from models import Conversation, Message
 
@@ -53,14 +53,17 @@ def turn_of(row):
     return ("assistant", row.content)
 
 
+_SYSTEM_PROMPT = select(conversations.c.system_prompt).where(conversations.c.id == bindparam("conversation_id"))
+_EARLIER_TURNS = (
+    select(messages.c.role, messages.c.mode, messages.c.status, messages.c.content)
+    .where(messages.c.conversation_id == bindparam("conversation_id"), messages.c.position < bindparam("position"))
+    .order_by(messages.c.position))
+
+
 def load(conn, reply):
     """Returns the History a reply is generated from."""
-    conversation = conn.execute(
-        select(conversations.c.system_prompt).where(conversations.c.id == reply.conversation_id)).first()
-    rows = conn.execute(
-        select(messages.c.role, messages.c.mode, messages.c.status, messages.c.content)
-        .where(messages.c.conversation_id == reply.conversation_id, messages.c.position < reply.position)
-        .order_by(messages.c.position)).all()
+    conversation = conn.execute(_SYSTEM_PROMPT, {"conversation_id": reply.conversation_id}).first()
+    rows = conn.execute(_EARLIER_TURNS, {"conversation_id": reply.conversation_id, "position": reply.position}).all()
     history = History(system_prompt=(conversation.system_prompt if conversation else "") or "")
     for row in rows:
         turn = turn_of(row)

@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 import buffer
 import context
@@ -60,18 +60,24 @@ class Runtime:
 
     # Replies ---------------------------------------------------------------
 
-    def start_reply(self, message_id, owner=None):
-        """Runs the reply in a new named daemon thread of this process (owner, when known, saves a query)."""
-        thread = threading.Thread(target=self.run_reply, args=(message_id, owner), name=f"reply-{message_id}",
-                                  daemon=True)
+    def start_reply(self, message_id, owner=None, claimed=False):
+        """Runs the reply in a new named daemon thread of this process (owner, when known, saves a query).
+
+        claimed tells that the reply was stored already claimed by this process, with its owner.
+        """
+        thread = threading.Thread(target=self.run_reply, args=(message_id, owner, claimed),
+                                  name=f"reply-{message_id}", daemon=True)
         thread.start()
         return thread
 
-    def run_reply(self, message_id, owner=None):
-        """Claims the pending reply and generates it; returns when it is final."""
+    def run_reply(self, message_id, owner=None, claimed=False):
+        """Claims the pending reply (unless it is claimed already) and generates it; returns when it is final."""
         reply = Reply(self, message_id)
         try:
-            claimed = reply.claim(owner)
+            if claimed:
+                reply.adopt(owner)
+            else:
+                claimed = reply.claim(owner)
         except Exception:
             # The reply stays unclaimed; its lease runs out and it fails as worker_lost.
             log.exception("could not claim reply %s", message_id)
@@ -228,6 +234,13 @@ def drain_on_exit(app, seconds):
     return state[1].drain(seconds)
 
 
+_CLAIM = (update(messages)
+          .where(messages.c.id == bindparam("message_id"), messages.c.status == "pending",
+                 messages.c.worker_id.is_(None))
+          .values(worker_id=bindparam("worker_id"), lease_expires_at=bindparam("lease")))
+_READ_MESSAGE = select(messages).where(messages.c.id == bindparam("message_id"))
+
+
 class Reply:
     """One assistant reply being generated in this process."""
 
@@ -240,18 +253,18 @@ class Reply:
     def claim(self, owner=None):
         """Takes ownership of the pending message; returns False when another worker has it."""
         with self.runtime.engine.begin() as conn:
-            result = conn.execute(
-                update(messages)
-                .where(messages.c.id == self.id, messages.c.status == "pending", messages.c.worker_id.is_(None))
-                .values(worker_id=self.runtime.worker_id,
-                        lease_expires_at=now() + self.runtime.config["LEASE_SECONDS"]))
+            result = conn.execute(_CLAIM, {"message_id": self.id, "worker_id": self.runtime.worker_id,
+                                           "lease": now() + self.runtime.config["LEASE_SECONDS"]})
             if result.rowcount != 1:
                 return False
-            # Knowing the owner lets polls in this process check it without a query.
             if owner is None:
                 owner = conn.execute(select(messages.c.owner).where(messages.c.id == self.id)).scalar_one_or_none()
-        self.runtime.writer.open(self.id, owner)
+        self.adopt(owner)
         return True
+
+    def adopt(self, owner):
+        """Starts the writer's memory of a reply this process has claimed; knowing the owner lets polls here check it."""
+        self.runtime.writer.open(self.id, owner)
 
     def abort(self):
         """Stops the reply: no more text is taken and the upstream connection is closed."""
@@ -265,7 +278,9 @@ class Reply:
     def run(self):
         config = self.runtime.config
         with self.runtime.engine.connect() as conn:
-            message = conn.execute(select(messages).where(messages.c.id == self.id)).first()
+            message = conn.execute(_READ_MESSAGE, {"message_id": self.id}).first()
+            if message is None or message.status not in RUNNING:
+                return  # stopped (or deleted) before it started
             history = context.load(conn, message)
         writer = self.runtime.writer
         try:
