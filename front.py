@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from http.cookies import SimpleCookie
 from urllib.parse import parse_qs, quote, unquote_to_bytes
 
+from gunicorn.asgi.protocol import ASGIProtocol
+from gunicorn.workers import gasgi
 from gunicorn.workers.gasgi import ASGIWorker
 
 import api
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 POLL_PATH = re.compile(r"/api/messages/([A-Za-z0-9]{1,32})/poll")
 # What api.poll_answer gives for a running reply, as Flask's jsonify writes it (sorted keys, compact).
 RUNNING_ANSWER = '{"cursor":"%d","done":false,"error":null,"id":"%s","image_url":null,"status":"%s","text":%s}\n'
+# A scope key set on a poll that the protocol already tried to answer from memory: Flask answers it.
+TO_FLASK = "relay.to_flask"
 # A refused oversize body is read and dropped up to this much, so the client can read the 413.
 DRAIN_LIMIT_BYTES = 16 * 1024 * 1024
 # Allocations before a young collection, then young collections per middle one and middle per full
@@ -63,7 +67,7 @@ class Front:
         if scope["type"] == "http":
             self.active_requests += 1
             try:
-                if scope["method"] == "GET":
+                if scope["method"] == "GET" and not scope.get(TO_FLASK):
                     match = POLL_PATH.fullmatch(scope["path"])
                     if match is not None and await self.fast_poll(match.group(1), scope, send):
                         return
@@ -103,17 +107,32 @@ class Front:
     # The fast poll ------------------------------------------------------------
 
     async def fast_poll(self, message_id, scope, send):
-        """Answers a poll of a reply this process writes; returns False to leave it to Flask."""
-        request = PollRequest.parse(scope["query_string"], self.settings)
+        """Answers a poll as an ASGI call: from memory when it can; returns False to leave it to Flask as it came."""
+        body, flask_query = await self.poll_from_memory(message_id, scope["query_string"], scope["headers"])
+        if body is not None:
+            await self.send_json(send, body)
+            return True
+        if flask_query is None:
+            return False
+        await self.run_flask({**scope, "query_string": flask_query}, no_body, send)
+        return True
+
+    async def poll_from_memory(self, message_id, query_string, headers):
+        """Answers a poll of a reply this process writes from the writer's memory.
+
+        Returns (answer body, None); or (None, query) when Flask must answer, with the time the
+        poll has left in query; or (None, None) when this path does not apply to the poll at all.
+        """
+        request = PollRequest.parse(query_string, self.settings)
         if request is None:
-            return False
-        who = self.owner(scope["headers"])
+            return None, None
+        who = self.owner(headers)
         if who is None:
-            return False
+            return None, None
         runtime = get_runtime(self.flask_app)
         writer = runtime.writer
         if writer is None:
-            return False
+            return None, None
         deadline = time.monotonic() + request.timeout
         cursor = request.cursor
         waited = False
@@ -124,18 +143,16 @@ class Front:
                     # The reply ended while this poll waited on it: its end is still in memory.
                     final = writer.final_reply(message_id, who)
                     if final is not None and cursor <= final.length:
-                        await self.send_final(send, final, cursor)
-                        return True
+                        return self.final_answer(final, cursor), None
                 if state is None or cursor > state[0]:
                     # Final, another process's, not this owner's, or an error: Flask tells which.
-                    return await self.poll_through_flask(scope, send, message_id, cursor, deadline)
+                    return None, flask_poll_query(cursor, deadline)
                 length, status = state
                 if cursor < length:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0 or self.stopping:
-                    await self.send_poll(send, message_id, state[1], cursor, "")
-                    return True
+                    return running_answer(message_id, status, cursor, ""), None
                 await self.wait_for_change(runtime, message_id, length, status, left)
                 waited = True
             hold = api.gather_seconds(self.settings)
@@ -147,9 +164,8 @@ class Front:
                     state = writer.local_state(message_id, who) or state
             text = writer.text_between(message_id, cursor, state[0])
             if text is None:
-                return await self.poll_through_flask(scope, send, message_id, cursor, deadline)
-            await self.send_poll(send, message_id, state[1], cursor, text)
-            return True
+                return None, flask_poll_query(cursor, deadline)
+            return running_answer(message_id, state[1], cursor, text), None
 
     async def wait_for_change(self, runtime, message_id, length, status, left):
         """Waits until the writer commits past (length, status), or left seconds pass."""
@@ -180,27 +196,17 @@ class Front:
         for waiter in list(self._held):
             waiter.wake()
 
-    async def poll_through_flask(self, scope, send, message_id, cursor, deadline):
-        """Passes the poll to Flask with the time it has left."""
-        left = max(0.0, deadline - time.monotonic())
-        query = f"cursor={cursor}&timeout={left:.3f}".encode("ascii")
-        await self.run_flask({**scope, "query_string": query}, no_body, send)
-        return True
-
-    async def send_poll(self, send, message_id, status, cursor, text):
-        """Sends the answer of a running reply: api.poll_answer's JSON, spelled out because it is sent so often."""
-        body = (RUNNING_ANSWER % (cursor + len(text), message_id, status, json.dumps(text))).encode("ascii")
-        await self.send_json(send, body)
-
-    async def send_final(self, send, final, cursor):
-        """Sends the answer of a reply this writer made final (a buffer.FinalReply), as Flask's jsonify writes it."""
+    def final_answer(self, final, cursor):
+        """Returns the answer body for a reply this writer made final (a buffer.FinalReply), as Flask's jsonify writes it."""
         answer = api.poll_answer(final, cursor, final.content[cursor:])
-        await self.send_json(send, (self.flask_app.json.dumps(answer, separators=(",", ":")) + "\n").encode("utf-8"))
+        return (self.flask_app.json.dumps(answer, separators=(",", ":")) + "\n").encode("utf-8")
+
+    def json_headers(self, length):
+        """Returns the headers of a JSON answer of length bytes, as Flask's app gives them."""
+        return [(b"content-type", b"application/json"), (b"content-length", b"%d" % length), *self._static_headers]
 
     async def send_json(self, send, body):
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        headers.extend(self._static_headers)
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.start", "status": 200, "headers": self.json_headers(len(body))})
         await send({"type": "http.response.body", "body": body})
 
     def owner(self, headers):
@@ -263,6 +269,16 @@ class Front:
         await send({"type": "http.response.body", "body": content})
         if refused:
             await drain_body(receive)
+
+
+def running_answer(message_id, status, cursor, text):
+    """Returns the answer body for text after cursor of a running reply: api.poll_answer's JSON, spelled out because it is sent so often."""
+    return (RUNNING_ANSWER % (cursor + len(text), message_id, status, json.dumps(text))).encode("ascii")
+
+
+def flask_poll_query(cursor, deadline):
+    """Returns the query of a poll passed on to Flask, with the time it has left."""
+    return f"cursor={cursor}&timeout={max(0.0, deadline - time.monotonic()):.3f}".encode("ascii")
 
 
 class PollRequest:
@@ -481,6 +497,50 @@ def call_wsgi(wsgi_app, environ):
             b"".join(chunks))
 
 
+class Protocol(ASGIProtocol):
+    """gunicorn's asgi connection protocol, which answers a poll Front can answer from memory without an ASGI call.
+
+    An ASGI call costs a scope, a task, a future and two response messages checked one by one;
+    for a poll answered from memory that was half of the worker's CPU per poll. The answer is
+    written as gunicorn writes any response (status line, Server, Date, keep-alive decision).
+    Everything else, including a poll Front hands to Flask, takes gunicorn's own path.
+    """
+
+    _to_flask = None  # the scope changes for the request being served, when it goes to Flask
+
+    async def _serve_http_request(self, request, sockname, peername):
+        front = self.worker.asgi
+        if (request.method == "GET" and not request.chunked and not request.content_length
+                and isinstance(request.headers_bytes, list) and isinstance(front, Front)
+                and not self.log.access_log_enabled and self._post_request is None):
+            match = POLL_PATH.fullmatch(request.path)
+            if match is not None:
+                front.active_requests += 1
+                try:
+                    body, flask_query = await front.poll_from_memory(
+                        match.group(1), (request.query or "").encode("latin-1"), request.headers_bytes)
+                finally:
+                    front.active_requests -= 1
+                if body is not None:
+                    if self._closed:
+                        return False
+                    close = self._will_close(request, False)
+                    self._send_response_start(200, front.json_headers(len(body)), request, close=close)
+                    self._send_body(body)
+                    return not close
+                self._to_flask = {TO_FLASK: True}
+                if flask_query is not None:
+                    self._to_flask["query_string"] = flask_query
+        return await super()._serve_http_request(request, sockname, peername)
+
+    def _build_http_scope(self, request, sockname, peername):
+        scope = super()._build_http_scope(request, sockname, peername)
+        if self._to_flask is not None:
+            scope.update(self._to_flask)
+            self._to_flask = None
+        return scope
+
+
 class Worker(ASGIWorker):
     """gunicorn's asgi worker, which on a graceful stop waits for requests rather than connections.
 
@@ -489,6 +549,11 @@ class Worker(ASGIWorker):
     (gunicorn.conf.py's worker_exit) would start only after that. Here held polls are answered at
     once and only requests in progress are waited for.
     """
+
+    def init_process(self):
+        # The stock worker builds its connections from this module name.
+        gasgi.ASGIProtocol = Protocol
+        super().init_process()
 
     async def _shutdown(self):
         self.log.info("Worker shutting down...")

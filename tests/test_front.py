@@ -1,5 +1,6 @@
 """The ASGI front answers what Flask would: the same poll JSON, the same reading of a poll's query, the same environ."""
 import asyncio
+import http.client
 import io
 import json
 import threading
@@ -9,10 +10,12 @@ import time
 import pytest
 import requests
 from flask import jsonify, request as flask_request
+from gunicorn.asgi.protocol import ASGIProtocol
+from gunicorn.workers import gasgi
 
 import api
 import buffer
-from front import Front, PollRequest, call_wsgi, wsgi_environ
+from front import Front, PollRequest, call_wsgi, running_answer, wsgi_environ
 from tests.helpers import ApiSession, ask, lorem, poll, poll_until_text, simulator_env
 from tests.servers import gunicorn_server
 
@@ -37,7 +40,7 @@ def sent_by(coroutine_function, *args):
 @pytest.mark.parametrize("status", ["pending", "streaming"])
 def test_a_fast_poll_answer_is_byte_for_byte_what_flask_sends(app, text, status):
     front = Front(app)
-    start, body = sent_by(front.send_poll, "AbC123", status, 7, text)
+    start, body = sent_by(front.send_json, running_answer("AbC123", status, 7, text))
     row = api.PollRow("AbC123", "owner", 7 + len(text), status, "", None, None, 0, None)
     with app.test_request_context():
         expected = jsonify(api.poll_answer(row, 7, text))
@@ -57,7 +60,8 @@ def test_a_fast_poll_answer_is_byte_for_byte_what_flask_sends(app, text, status)
 @pytest.mark.parametrize("cursor", [0, 4])
 def test_an_answer_from_a_replys_end_in_memory_is_byte_for_byte_what_flask_sends(app, final, cursor):
     cursor = min(cursor, final.length)
-    start, body = sent_by(Front(app).send_final, final, cursor)
+    front = Front(app)
+    start, body = sent_by(front.send_json, front.final_answer(final, cursor))
     row = api.PollRow(final.id, final.owner, final.length, final.status, final.content, final.error_code,
                       final.error_message, final.has_image, None)
     with app.test_request_context():
@@ -76,13 +80,13 @@ def test_a_poll_waiting_when_its_reply_ends_is_answered_from_memory_as_the_datab
                            json={"content": "hi [[sim tokens=40 rate=80]]"}).get_json()["reply"]["id"]
     front = Front(app)
     through_flask = []
-    real_poll_through_flask = front.poll_through_flask
+    real_run_flask = front.run_flask
 
-    async def counted_poll_through_flask(*args):
-        through_flask.append(args[3])
-        return await real_poll_through_flask(*args)
+    async def counted_run_flask(scope, *args):
+        through_flask.append(scope["query_string"])
+        return await real_run_flask(scope, *args)
 
-    front.poll_through_flask = counted_poll_through_flask
+    front.run_flask = counted_run_flask
     scope = {"type": "http", "method": "GET", "http_version": "1.1", "scheme": "http", "root_path": "",
              "path": f"/api/messages/{reply_id}/poll", "raw_path": f"/api/messages/{reply_id}/poll".encode(),
              "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5000),
@@ -198,3 +202,47 @@ def test_held_polls_of_a_workers_own_replies_take_no_flask_thread(simulator):
     assert all(answer is not None and answer["text"] == "" and not answer["done"] for answer in answers), answers
     assert all(seconds >= 2.5 for seconds in took), took  # each was held to its timeout, not refused
     assert wall < 5.0, f"the polls queued instead of being held together ({wall:.2f} s)"
+
+
+def test_polls_answered_from_memory_keep_the_connection_and_read_on_the_wire_as_flasks_answers(simulator):
+    with gunicorn_server(env=simulator_env(simulator), workers=1) as base_url:
+        client = ApiSession(base_url)
+        reply_id = ask(client, "go [[sim tokens=30 rate=60]]")
+        host, port = base_url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        cookie = "; ".join(f"{name}={value}" for name, value in client.cookies.get_dict().items())
+
+        def get(cursor):
+            connection.request("GET", f"/api/messages/{reply_id}/poll?cursor={cursor}&timeout=5",
+                               headers={"Cookie": cookie})
+            response = connection.getresponse()
+            return response, json.loads(response.read())
+
+        text, cursor, from_memory, sockets = "", "0", [], set()
+        while True:
+            response, answer = get(cursor)
+            sockets.add(id(connection.sock))
+            from_memory.append(response)
+            text += answer["text"]
+            cursor = answer["cursor"]
+            if answer["done"]:
+                break
+        # Not waiting when it asks, this poll of the final reply is Flask's to answer.
+        flasks, again = get(0)
+        sockets.add(id(connection.sock))
+        connection.close()
+    assert text == lorem(30) and again["text"] == text and again["done"] and again["status"] == "done"
+    assert len(from_memory) > 3 and len(sockets) == 1, "the connection was not kept alive"
+    names = sorted(name.lower() for name, _value in flasks.getheaders())
+    for response in from_memory:
+        assert response.status == 200 and not response.will_close
+        assert sorted(name.lower() for name, _value in response.getheaders()) == names
+        assert response.getheader("Content-Type") == flasks.getheader("Content-Type") == "application/json"
+        assert response.getheader("Server") == flasks.getheader("Server")
+
+
+def test_the_gunicorn_internals_the_poll_protocol_overrides_are_there():
+    """front.Protocol overrides private methods of gunicorn's asgi protocol: an upgrade that renames them fails here."""
+    for name in ("_serve_http_request", "_build_http_scope", "_will_close", "_send_response_start", "_send_body"):
+        assert callable(getattr(ASGIProtocol, name, None)), name
+    assert gasgi.ASGIProtocol is ASGIProtocol or issubclass(gasgi.ASGIProtocol, ASGIProtocol)
