@@ -136,7 +136,10 @@ def results_markdown(run, systems):
         f"Load: each stream is one reply of {settings['tokens']} tokens at {settings['rate']:g} tokens/s; the N "
         f"streams start spread evenly over {settings['spread']:g} s. The product runs gunicorn's asgi worker "
         f"(`front.py`: polls on the event loop, Flask on {settings['threads']} threads per worker)" +
-        (f" and {settings['product_env']}" if settings["product_env"] else "") + ".",
+        (f" and {settings['product_env']}" if settings["product_env"] else "") + "." +
+        (f" Every system ran {settings['repeat']} rounds at every N, interleaved (each repetition ran every "
+         "system in turn on a fresh server), and each figure below is the median of its rounds (faults are "
+         "added up); the rounds' own p99 and CPU are listed after the table." if settings.get("repeat", 1) > 1 else ""),
         "",
         "| system | N | p50 ms | p90 ms | p99 ms | max ms | first token p50 ms | requests / reply | "
         "bytes / reply | server CPU ms / 1,000 tokens | peak RSS MB | MB / stream | broken streams | lost | "
@@ -155,6 +158,14 @@ def results_markdown(run, systems):
                 f"{s['bytes_per_reply']:,.0f} | {_ms(s['cpu_ms_per_1000_tokens'])} | {s['peak_rss_mb']:.0f} | "
                 f"{s['rss_per_stream_mb']:.2f} | {s['errors']} | {s['lost']} | {s['duplicated']} | "
                 f"{s['client_processes']} ({100 * s['client_cpu_busy']:.0f}%) |")
+    if settings.get("repeat", 1) > 1:
+        lines += ["", f"Each round at N = {sizes[-1]}:", "", "| system | p99 ms | server CPU ms / 1,000 tokens |",
+                  "|---|---|---|"]
+        for name, rounds in run["results"].items():
+            s = rounds.get(str(sizes[-1]))
+            if s is not None and "per_round" in s:
+                lines.append(f"| {systems[name]} | {', '.join(_ms(v) for v in s['per_round']['p99_ms'])} | "
+                             f"{', '.join(_ms(v) for v in s['per_round']['cpu_ms_per_1000_tokens'])} |")
     lines += ["", "Targets (issue 7), judged on ratios within this run:", ""]
     for check in run["targets"]:
         lines.append(f"- **{'PASS' if check['passed'] else 'FAIL'}** {check['name']}: {check['target']} "

@@ -20,7 +20,7 @@ if ROOT not in sys.path:
 
 from bench import launch, report  # noqa: E402
 from bench.procstat import TreeSampler, rss_bytes, tree_pids  # noqa: E402
-from bench.stats import is_complete, summarize  # noqa: E402
+from bench.stats import combine, is_complete, summarize  # noqa: E402
 
 SYSTEMS = {
     "sse": "(a) SSE relay",
@@ -51,6 +51,9 @@ def parse_args(argv):
     parser.add_argument("--out", default=None, help="Folder for raw client results and the summary JSON.")
     parser.add_argument("--label", default=None, help="Also keep the summary as bench/results/<label>.json.")
     parser.add_argument("--no-write", action="store_true", help="Do not touch BENCHMARK.md or docs/.")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="Rounds of every system at every N, interleaved (each repetition runs every system in "
+                             "turn on fresh servers); the report gives the median of each figure.")
     parser.add_argument("--product-root", default=ROOT,
                         help="Run the product from this checkout instead (e.g. an older commit, to compare).")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
@@ -123,22 +126,24 @@ def run_clients(name, server, n, tokens, args, out_dir, spread, measure=True):
     return reports, sampler.cpu, sampler.peak_rss
 
 
-def run_system(name, upstream_url, args, results, raw):
-    log_dir = args.out
+def run_system(name, upstream_url, args, rounds, raw, repetition=0):
+    log_dir = os.path.join(args.out, f"rep{repetition + 1}") if args.repeat > 1 else args.out
+    os.makedirs(log_dir, exist_ok=True)
     server = start_server(name, upstream_url, args, log_dir)
     try:
         # A short warm-up reply loads lazily imported code and opens pools; it is not measured.
-        run_clients(name, server, 2, 5, args, args.out, 0.0)
+        run_clients(name, server, 2, 5, args, log_dir, 0.0)
         time.sleep(args.pause / 2)
         baseline_rss = rss_bytes(tree_pids(server.pid))
         for n in args.sizes:
             time.sleep(args.pause)
-            reports, cpu, peak_rss = run_clients(name, server, n, args.tokens, args, args.out, args.spread)
+            reports, cpu, peak_rss = run_clients(name, server, n, args.tokens, args, log_dir, args.spread)
             streams = [stream for client in reports for stream in client["streams"]]
             summary = summarize(streams, n, cpu, peak_rss, baseline_rss, args.tokens, reports)
             summary["baseline_rss_mb"] = baseline_rss / 2**20
-            results.setdefault(name, {})[n] = summary
-            raw.setdefault(name, {})[n] = [value for stream in streams for value in stream["latencies_ms"]]
+            rounds.setdefault(name, {}).setdefault(n, []).append(summary)
+            raw.setdefault(name, {}).setdefault(n, []).extend(
+                value for stream in streams for value in stream["latencies_ms"])
             report.print_round(name, summary)
     finally:
         server.stop()
@@ -151,23 +156,34 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     began = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()
-    results, raw = {}, {}
+    rounds, raw = {}, {}
     simulator = launch.simulator(args.rate, args.tokens, args.out)
     try:
         upstream_url = simulator.url + "/v1"
-        for name in args.systems:
-            print(f"== {SYSTEMS[name]}", flush=True)
-            run_system(name, upstream_url, args, results, raw)
+        for repetition in range(args.repeat):
+            for name in args.systems:
+                print(f"== {SYSTEMS[name]}" + (f" (repetition {repetition + 1} of {args.repeat})"
+                                               if args.repeat > 1 else ""), flush=True)
+                run_system(name, upstream_url, args, rounds, raw, repetition)
     finally:
         simulator.stop()
+    results = {name: {n: combine(summaries) for n, summaries in by_n.items()} for name, by_n in rounds.items()}
+    if args.repeat > 1:
+        print(f"== medians of {args.repeat} rounds", flush=True)
+        for name, by_n in results.items():
+            for summary in by_n.values():
+                report.print_round(name, summary)
     run = {
         "date": began.isoformat(timespec="seconds"),
         "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {"sizes": args.sizes, "rate": args.rate, "tokens": args.tokens, "spread": args.spread,
+                     "repeat": args.repeat,
                      "threads": args.threads, "product_env": args.product_env,
                      "product_root": os.path.relpath(args.product_root, ROOT)},
         "machine": machine_description(load_before, os.getloadavg()),
-        "results": {name: {str(n): summary for n, summary in rounds.items()} for name, rounds in results.items()},
+        "results": {name: {str(n): summary for n, summary in by_n.items()} for name, by_n in results.items()},
+        "rounds": ({name: {str(n): summaries for n, summaries in by_n.items()} for name, by_n in rounds.items()}
+                   if args.repeat > 1 else None),
     }
     checks = report.evaluate(results, args.sizes)
     run["targets"] = checks

@@ -1,5 +1,6 @@
 """Summaries of a benchmark round: latency percentiles, costs per reply and per token, completeness."""
 import math
+import statistics
 
 
 def percentile(values, fraction):
@@ -50,3 +51,32 @@ def is_complete(summary):
     """Tells whether every token of every reply arrived exactly once and in order."""
     return (summary["lost"] == 0 and summary["duplicated"] == 0 and summary["out_of_order"] == 0
             and summary["streams"] == summary["n"])
+
+
+# Figures of a round that repeated rounds report as their median, and counts that they add up.
+MEDIAN_FIELDS = ("p50_ms", "p90_ms", "p99_ms", "max_ms", "first_token_p50_ms", "first_token_max_ms",
+                 "requests_per_reply", "bytes_per_reply", "cpu_seconds", "cpu_ms_per_1000_tokens", "peak_rss_mb",
+                 "rss_per_stream_mb", "client_cpu_busy", "baseline_rss_mb")
+SUM_FIELDS = ("tokens", "errors", "lost", "duplicated", "out_of_order")
+
+
+def combine(summaries):
+    """Returns the summary of repeated rounds of one system at one N: medians of figures, sums of faults.
+
+    Each figure is the median over the rounds on its own; every round must be complete for the
+    result to be.
+    """
+    if len(summaries) == 1:
+        return dict(summaries[0], rounds=1)
+    combined = dict(summaries[0])
+    for field in MEDIAN_FIELDS:
+        values = [summary[field] for summary in summaries if summary.get(field) is not None]
+        combined[field] = statistics.median(values) if values else None
+    for field in SUM_FIELDS:
+        combined[field] = sum(summary[field] for summary in summaries)
+    combined["streams"] = min(summary["streams"] for summary in summaries)
+    combined["error_samples"] = sorted({sample for summary in summaries for sample in summary["error_samples"]})[:5]
+    combined["rounds"] = len(summaries)
+    combined["per_round"] = {field: [summary[field] for summary in summaries]
+                             for field in ("p99_ms", "cpu_ms_per_1000_tokens", "rss_per_stream_mb")}
+    return combined
