@@ -8,7 +8,7 @@ from simulator import Simulator, lorem_tokens, render_png, unicode_tokens
 from tests.helpers import (app_config_fixture_using_sim, ask, body_of, get_message, lorem, poll, poll_to_end,
                            poll_until_text, simulator_fixture, stop, wait_until)
 from tests.servers import free_port
-from upstream import Upstream
+from upstream import Upstream, UpstreamError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -244,3 +244,17 @@ def test_an_image_answered_as_a_url_is_downloaded_at_once_and_served_from_the_ap
     reply_id = ask(client, "a paper boat [[sim url=1]]", mode="image")
     data = assert_image_reply(app, client, reply_id)
     assert data == render_png("a paper boat", 1024, 1024)
+
+
+def test_the_upstream_goes_through_the_proxy_the_environment_names_unless_no_proxy_exempts_it(sim, monkeypatch):
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("HTTP_PROXY", dead_proxy)
+    monkeypatch.setenv("http_proxy", dead_proxy)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with pytest.raises(UpstreamError, match="Could not reach the upstream"):
+        Upstream(sim.url, retries=0).stream_chat("sim-chat", [{"role": "user", "content": "hi [[sim tokens=2]]"}])
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    stream = Upstream(sim.url, retries=0).stream_chat("sim-chat", [{"role": "user", "content": "hi [[sim tokens=2]]"}])
+    assert "".join(stream.iter_text()) == lorem(2)
