@@ -508,6 +508,12 @@ class Protocol(ASGIProtocol):
 
     _to_flask = None  # the scope changes for the request being served, when it goes to Flask
 
+    @classmethod
+    def _check_h1c_protocol_available(cls):
+        # gunicorn caches the answer on the class it asks through but reads it from ASGIProtocol:
+        # asked through this subclass, it would fall back to its pure-Python parser.
+        return ASGIProtocol._check_h1c_protocol_available()
+
     async def _serve_http_request(self, request, sockname, peername):
         front = self.worker.asgi
         if (request.method == "GET" and not request.chunked and not request.content_length

@@ -15,7 +15,7 @@ from gunicorn.workers import gasgi
 
 import api
 import buffer
-from front import Front, PollRequest, call_wsgi, running_answer, wsgi_environ
+from front import Front, PollRequest, Protocol, call_wsgi, running_answer, wsgi_environ
 from tests.helpers import ApiSession, ask, lorem, poll, poll_until_text, simulator_env
 from tests.servers import gunicorn_server
 
@@ -246,3 +246,9 @@ def test_the_gunicorn_internals_the_poll_protocol_overrides_are_there():
     for name in ("_serve_http_request", "_build_http_scope", "_will_close", "_send_response_start", "_send_body"):
         assert callable(getattr(ASGIProtocol, name, None)), name
     assert gasgi.ASGIProtocol is ASGIProtocol or issubclass(gasgi.ASGIProtocol, ASGIProtocol)
+
+
+def test_connections_of_the_poll_protocol_parse_http_with_gunicorns_c_parser():
+    """gunicorn_h1c is in requirements.txt; asked through front.Protocol, gunicorn must still find it."""
+    assert Protocol._check_h1c_protocol_available()
+    assert ASGIProtocol._h1c_protocol_class is not None and ASGIProtocol._h1c_has_limits
