@@ -525,6 +525,9 @@ class Protocol(ASGIProtocol):
                 try:
                     body, flask_query = await front.poll_from_memory(
                         match.group(1), (request.query or "").encode("latin-1"), request.headers_bytes)
+                except Exception:
+                    log.exception("answering a poll from memory failed; Flask answers it")
+                    body, flask_query = None, None
                 finally:
                     front.active_requests -= 1
                 if body is not None:
