@@ -261,9 +261,21 @@ _RECENT_POSTS_OF_OWNER = (
     select(messages.c.created_at)
     .where(messages.c.owner == bindparam("who"), messages.c.role == "user", messages.c.created_at > bindparam("since"))
     .order_by(messages.c.created_at).limit(bindparam("limit")))
-MESSAGE_DEFAULTS = {"mode": "chat", "content": "", "length": 0, "error_code": None, "error_message": None,
-                    "has_image": 0, "model": "", "finish_reason": None, "prompt_tokens": None,
-                    "completion_tokens": None, "finished_at": None, "worker_id": None, "lease_expires_at": None}
+
+
+def column_defaults(table):
+    """Returns the value each column of table takes when an insert leaves it out (scalar defaults, else NULL)."""
+    defaults = {}
+    for column in table.columns:
+        if column.default is not None and column.default.is_scalar:
+            defaults[column.name] = column.default.arg
+        elif column.nullable:
+            defaults[column.name] = None
+    return defaults
+
+
+# The insert below names every column, so the table's defaults are filled in here.
+MESSAGE_DEFAULTS = column_defaults(messages)
 _INSERT_MESSAGES = buffer.ManyStatement(
     messages.insert().values({column.name: bindparam(column.name) for column in messages.columns}))
 
