@@ -80,20 +80,30 @@ def final_values(conn, status, error=None, finish_reason=None, usage=None, has_i
             "has_image": 1 if has_image else 0}
 
 
-def finalize(conn, message_id, status, error=None, finish_reason=None, usage=None, has_image=False):
-    """Makes a running message final: compacts its chunks into content. Returns False if already final."""
+def finalize(conn, message_id, status, error=None, finish_reason=None, usage=None, has_image=False, text=None):
+    """Makes a running message final and compacts its chunks into content.
+
+    text is the message's whole text when the caller holds it (the chunk writer of its own
+    replies); else the chunks are read. Returns the columns set (content included), or None
+    when the message was final already.
+    """
     values = final_values(conn, status, error, finish_reason, usage, has_image)
-    # The status changes first: that write locks the row, so no writer can add a chunk
-    # between reading the chunks and compacting them.
-    result = conn.execute(
-        update(messages).where(messages.c.id == message_id, messages.c.status.in_(RUNNING)).values(**values))
-    if result.rowcount != 1:
-        return False
+    values["message_id"] = message_id
+    if text is not None:
+        values.update(content=text, length=len(text))
+        if _MAKE_FINAL_WITH_TEXT.execute(conn, [values]).rowcount != 1:
+            return None
+    else:
+        # The status changes first: that write locks the row, so no writer can add a chunk
+        # between reading the chunks and compacting them.
+        if _MAKE_FINAL.execute(conn, [values]).rowcount != 1:
+            return None
+        text = full_text(conn, message_id)
+        values.update(content=text, length=len(text))
+        _SET_CONTENT.execute(conn, [values])
+    _DELETE_CHUNKS.execute(conn, [values])
     dialect.announce_changes(conn, [message_id])
-    text = full_text(conn, message_id)
-    conn.execute(update(messages).where(messages.c.id == message_id).values(content=text, length=len(text)))
-    conn.execute(delete(chunks).where(chunks.c.message_id == message_id))
-    return True
+    return values
 
 
 def _int_or_none(value):
@@ -251,15 +261,12 @@ _EXTEND_REPLY = (
     .values(length=bindparam("end"), status="streaming", lease_expires_at=bindparam("lease")))
 _INSERT_CHUNK = chunks.insert().values(
     message_id=bindparam("message_id"), end_offset=bindparam("end_offset"), text=bindparam("text"))
-# A reply the writer made final, with the text it knows in full: no chunk is read back.
-_FINALIZE_KNOWN = (
+_FINAL_COLUMNS = ("status", "finished_at", "worker_id", "lease_expires_at", "error_code", "error_message",
+                  "finish_reason", "prompt_tokens", "completion_tokens", "has_image")
+_MAKE_FINAL_STATEMENT = (
     update(messages)
-    .where(messages.c.id == bindparam("message_id"),
-           or_(*(messages.c.status == status for status in RUNNING)))
-    .values({name: bindparam(name) for name in
-             ("status", "finished_at", "worker_id", "lease_expires_at", "error_code", "error_message",
-              "finish_reason", "prompt_tokens", "completion_tokens", "has_image", "content", "length")}))
-_DELETE_CHUNKS = delete(chunks).where(chunks.c.message_id == bindparam("message_id"))
+    .where(messages.c.id == bindparam("message_id"), or_(*(messages.c.status == status for status in RUNNING)))
+    .values({name: bindparam(name) for name in _FINAL_COLUMNS}))
 
 
 class ManyStatement:
@@ -307,6 +314,15 @@ class ManyStatement:
         return sql_dialect, str(compiled), defaults, converters, order
 
 
+# finalize's statements, built and compiled once: every reply ends through them.
+_MAKE_FINAL = ManyStatement(_MAKE_FINAL_STATEMENT)
+_MAKE_FINAL_WITH_TEXT = ManyStatement(
+    _MAKE_FINAL_STATEMENT.values(content=bindparam("content"), length=bindparam("length")))
+_SET_CONTENT = ManyStatement(update(messages).where(messages.c.id == bindparam("message_id"))
+                             .values(content=bindparam("content"), length=bindparam("length")))
+_DELETE_CHUNKS = ManyStatement(delete(chunks).where(chunks.c.message_id == bindparam("message_id")))
+
+
 class ChunkWriter:
     """Owns every chunk write of this process.
 
@@ -334,8 +350,6 @@ class ChunkWriter:
         self._finished = {}    # message id -> (FinalReply, monotonic time it is forgotten)
         self._extend_reply = ManyStatement(_EXTEND_REPLY)
         self._insert_chunk = ManyStatement(_INSERT_CHUNK)
-        self._finalize_known = ManyStatement(_FINALIZE_KNOWN)
-        self._delete_chunks = ManyStatement(_DELETE_CHUNKS)
         self._thread = threading.Thread(target=self._run, name="chunk-writer", daemon=True)
         self._thread.start()
 
@@ -495,9 +509,9 @@ class ChunkWriter:
                     changed.append(message_id)
                 if rows:
                     self._insert_chunk.execute(conn, rows)
-            outcomes, finished = self._finalize(conn, finals, batch, written)
+            dialect.announce_changes(conn, list(written))
+            outcomes, finished = self._finalize(conn, finals, batch, written)  # announces its own
             changed.extend(finals)
-            dialect.announce_changes(conn, changed)
         moment = time.monotonic()
         with self._cond:
             for message_id in written:
@@ -528,19 +542,15 @@ class ChunkWriter:
         finished = {}
         for message_id, (final, _done, _outcome) in finals.items():
             committed = self._committed.get(message_id)
-            if committed is None:
-                outcomes[message_id] = finalize(conn, message_id, **final)
-                continue
-            # Only this thread writes the reply's chunks, so its memory holds all of its text.
-            text = committed.text + (batch[message_id][1] if message_id in written else "")
-            values = final_values(conn, **final)
-            values.update(message_id=message_id, content=text, length=len(text))
-            outcomes[message_id] = self._finalize_known.execute(conn, [values]).rowcount == 1
-            if outcomes[message_id]:
-                finished[message_id] = FinalReply(message_id, committed.owner, len(text), values["status"], text,
-                                                  values["error_code"], values["error_message"], values["has_image"])
-        if finished:
-            self._delete_chunks.execute(conn, [{"message_id": message_id} for message_id in finished])
+            # Only this thread writes the chunks of the replies it holds, so it holds all their text.
+            text = None if committed is None else committed.text + (
+                batch[message_id][1] if message_id in written else "")
+            values = finalize(conn, message_id, text=text, **final)
+            outcomes[message_id] = values is not None
+            if values is not None and committed is not None:
+                finished[message_id] = FinalReply(message_id, committed.owner, values["length"], values["status"],
+                                                  values["content"], values["error_code"], values["error_message"],
+                                                  values["has_image"])
         return outcomes, finished
 
     def close(self, message_id):
