@@ -351,7 +351,7 @@ def conversation_tail(conn, conversation_id):
 def start_generation(reply):
     """Starts generating a reply row that reply_row made, here when this process claimed it."""
     if reply["worker_id"] is not None:
-        get_runtime().start_reply(reply["id"], reply["owner"], claimed=True)
+        get_runtime().start_reply(reply["id"], claimed_for=reply["owner"])
 
 
 @bp.post("/conversations/<conversation_id>/messages")

@@ -60,24 +60,21 @@ class Runtime:
 
     # Replies ---------------------------------------------------------------
 
-    def start_reply(self, message_id, owner=None, claimed=False):
-        """Runs the reply in a new named daemon thread of this process (owner, when known, saves a query).
+    def start_reply(self, message_id, claimed_for=None):
+        """Runs the reply in a new named daemon thread of this process.
 
-        claimed tells that the reply was stored already claimed by this process, with its owner.
+        claimed_for is the owner of a reply stored already claimed by this process; it is not claimed again.
         """
-        thread = threading.Thread(target=self.run_reply, args=(message_id, owner, claimed),
+        thread = threading.Thread(target=self.run_reply, args=(message_id, claimed_for),
                                   name=f"reply-{message_id}", daemon=True)
         thread.start()
         return thread
 
-    def run_reply(self, message_id, owner=None, claimed=False):
-        """Claims the pending reply (unless it is claimed already) and generates it; returns when it is final."""
+    def run_reply(self, message_id, claimed_for=None):
+        """Claims the pending reply (unless it was stored claimed) and generates it; returns when it is final."""
         reply = Reply(self, message_id)
         try:
-            if claimed:
-                reply.adopt(owner)
-            else:
-                claimed = reply.claim(owner)
+            claimed = reply.claim() if claimed_for is None else reply.adopt(claimed_for)
         except Exception:
             # The reply stays unclaimed; its lease runs out and it fails as worker_lost.
             log.exception("could not claim reply %s", message_id)
@@ -250,21 +247,23 @@ class Reply:
         self.stream = None
         self._aborted = threading.Event()
 
-    def claim(self, owner=None):
+    def claim(self):
         """Takes ownership of the pending message; returns False when another worker has it."""
         with self.runtime.engine.begin() as conn:
             result = conn.execute(_CLAIM, {"message_id": self.id, "worker_id": self.runtime.worker_id,
                                            "lease": now() + self.runtime.config["LEASE_SECONDS"]})
             if result.rowcount != 1:
                 return False
-            if owner is None:
-                owner = conn.execute(select(messages.c.owner).where(messages.c.id == self.id)).scalar_one_or_none()
-        self.adopt(owner)
-        return True
+            owner = conn.execute(select(messages.c.owner).where(messages.c.id == self.id)).scalar_one_or_none()
+        return self.adopt(owner)
 
     def adopt(self, owner):
-        """Starts the writer's memory of a reply this process has claimed; knowing the owner lets polls here check it."""
+        """Takes on a reply this process has claimed: the writer starts its memory of it; returns True.
+
+        Knowing the owner lets polls in this process check it without a query.
+        """
         self.runtime.writer.open(self.id, owner)
+        return True
 
     def abort(self):
         """Stops the reply: no more text is taken and the upstream connection is closed."""
